@@ -1,0 +1,1 @@
+"""The agent: command line, HTTP endpoints (health, metrics, APIs) around the proxy."""

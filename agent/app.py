@@ -1,0 +1,36 @@
+"""create_app: the agent's aiohttp application (health now; metrics and APIs as they land)."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from config.settings import Settings
+from proxy.listener import ProxyServer
+
+from . import keys
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def _json_errors(app: web.Application, handler):  # type: ignore[no-untyped-def]
+    async def middleware(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.json_response(
+                {"error": exc.reason, "status": exc.status, "path": request.path}, status=exc.status
+            )
+
+    return middleware
+
+
+def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
+    app = web.Application(middlewares=[_json_errors])
+    app[keys.SETTINGS] = settings
+    app[keys.PROXY] = proxy
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,125 @@
+"""The ``pgsidecar`` command line: ``run`` and ``check-config``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from config.loader import ConfigError, load_settings, parse_dsn, redacted
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgsidecar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML settings file (see config/sidecar.yaml)")
+        p.add_argument("--upstream", help="PostgreSQL DSN to proxy to (default: DATABASE_URL)")
+        p.add_argument("--listen", type=_host_port, help="proxy address HOST:PORT (default 127.0.0.1:6432)")
+        p.add_argument("--http", type=_host_port, help="agent HTTP address HOST:PORT (default 127.0.0.1:9930)")
+
+    common(sub.add_parser("run", help="run the proxy and the agent"))
+    common(sub.add_parser("check-config", help="validate the settings and print them (secrets redacted)"))
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.upstream:
+        out["upstream.dsn"] = args.upstream
+    if args.listen:
+        out["proxy.host"], out["proxy.port"] = args.listen
+    if args.http:
+        out["agent.host"], out["agent.port"] = args.http
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"pgsidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        import json
+
+        print(json.dumps(redacted(settings), indent=2))
+        return 0
+    from .logs import setup_logging
+
+    setup_logging(settings.logging)
+    if settings.proxy.use_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+    try:
+        return asyncio.run(_run(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(settings: Settings) -> int:
+    from aiohttp import web
+
+    from proxy.listener import ProxyServer
+
+    from .app import create_app
+
+    embedded = None
+    dsn = settings.upstream.dsn
+    if not dsn:
+        from .embedded import start_embedded
+
+        dsn, embedded = await asyncio.to_thread(start_embedded, settings.embedded.data_dir)
+    log.info("settings", extra={"settings": redacted(settings)})
+    upstream = parse_dsn(dsn)
+    proxy = ProxyServer(settings, upstream)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        print(f"pgsidecar: cannot listen on {settings.proxy.host}:{settings.proxy.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    runner = web.AppRunner(create_app(settings, proxy), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.agent.host, settings.agent.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await proxy.stop()
+        print(f"pgsidecar: cannot listen on {settings.agent.host}:{settings.agent.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    user = upstream.user or "postgres"
+    database = upstream.database or user
+    print(
+        f"pgsidecar: proxy listening; connect with postgresql://{user}@{proxy.host}:{proxy.port}/{database}\n"
+        f"pgsidecar: agent on http://{settings.agent.host}:{settings.agent.port}/healthz",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting_down")
+    await proxy.stop(grace=5.0)
+    await runner.cleanup()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.cleanup)
+    return 0

@@ -1,0 +1,702 @@
+"""ClientSession: one application connection, where the proxy is the server.
+
+Startup (SSL/GSS negotiation, CancelRequest, protocol version, authentication) runs as a
+coroutine; after ReadyForQuery the session switches to the relay path, which parses only the
+5-byte header of each client message plus the few messages it must understand:
+
+- Query / Parse text, to pin the client to its server connection when a statement creates
+  session state that cannot move between connections (LISTEN, session SET, temp tables, ...);
+- named Parse / Bind / Describe / Close, which are renamed to pool-wide statement names and
+  prepared on whichever server connection runs the next transaction (as PgBouncer 1.21 does);
+- Terminate.
+
+In transaction mode a server connection is checked out at the first message of a
+transaction and returned at the ReadyForQuery that leaves nothing outstanding and no
+transaction open. Everything else is forwarded byte for byte.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from . import protocol as pq
+from .auth import AuthFailed
+from .errors import ProxyError
+from .server import (
+    FORWARD,
+    K_BIND,
+    K_CLOSE,
+    K_DESCRIBE,
+    K_EXECUTE,
+    K_FUNC,
+    K_PARSE,
+    K_QUERY,
+    K_SYNC,
+    READ_ONLY_PARAMS,
+    SKIP,
+    Request,
+    ServerConnection,
+)
+
+if TYPE_CHECKING:
+    from .listener import ProxyServer
+    from .pool import Pool
+
+log = logging.getLogger(__name__)
+
+_LEN = pq.UINT32
+_Q = ord("Q")
+_P = ord("P")
+_B = ord("B")
+_D = ord("D")
+_E = ord("E")
+_S = ord("S")
+_H = ord("H")
+_C = ord("C")
+_X = ord("X")
+_F = ord("F")
+_COPY = frozenset((ord("d"), ord("c"), ord("f")))
+_IDLE = ord("I")
+_PAUSE_BUFFER = 256 * 1024
+
+# Startup parameters that are not session settings.
+_NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+
+# Reported parameters whose changes the proxy tracks (ParameterStatus) instead of pinning.
+_TRACKED_SET_NAMES = frozenset(
+    {
+        "application_name",
+        "client_encoding",
+        "datestyle",
+        "intervalstyle",
+        "timezone",
+        "standard_conforming_strings",
+        "default_transaction_read_only",
+        "time",  # SET TIME ZONE
+        "names",  # SET NAMES
+        "all",  # RESET ALL: only reported settings can differ from the defaults here
+    }
+)
+_LEADING = rb"(?:\s+|/\*.*?\*/|--[^\n]*\n)*"
+_SET_RE = re.compile(rb"(?:^|;)" + _LEADING + rb"(set|reset)\s+(?:session\s+)?(\w+)", re.I | re.S)
+_STATE_RE = re.compile(
+    rb"\b(?:(listen)\s|create\s+(?:global\s+|local\s+)?(temp)(?:orary)?\s|(prepare)\s+(?!transaction\b)\w"
+    rb"|(declare)\b[^;]*\bwith\s+hold\b|pg_(?:try_)?(advisory)_lock(?:_shared)?\s*\("
+    rb"|(set_config)\s*\(|(load)\s)",
+    re.I | re.S,
+)
+_STATE_REASONS = ("listen", "temp_table", "prepare", "with_hold_cursor", "advisory_lock", "set_config", "load")
+_DEALLOCATE_RE = re.compile(rb"\b(?:deallocate|discard\s+(?:all|plans))\b", re.I)
+_NO_STATE = (None, False)
+_state_memo: dict[bytes, tuple[str | None, bool]] = {}
+
+
+def session_state(sql: bytes) -> tuple[str | None, bool]:
+    """(pin reason or None, whether it drops prepared statements) for a statement text."""
+    memo = _state_memo.get(sql)
+    if memo is not None:
+        return memo
+    reason: str | None = None
+    m = _STATE_RE.search(sql)
+    if m is not None:
+        reason = _STATE_REASONS[m.lastindex - 1] if m.lastindex else "session_state"
+    else:
+        for sm in _SET_RE.finditer(sql):
+            name = sm.group(2).lower()
+            if name in (b"local", b"transaction", b"constraints"):
+                continue
+            if name.decode() not in _TRACKED_SET_NAMES:
+                reason = "set"
+                break
+    result = (reason, _DEALLOCATE_RE.search(sql) is not None)
+    if result == _NO_STATE:
+        result = _NO_STATE
+    if len(_state_memo) >= 20000:
+        _state_memo.clear()
+    _state_memo[sql] = result
+    return result
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """Settings from the startup ``options`` parameter (``-c key=value`` / ``--key=value``)."""
+    settings: dict[str, str] = {}
+    tokens = re.findall(r"(?:\\.|\S)+", options)
+    tokens = [re.sub(r"\\(.)", r"\1", t) for t in tokens]
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "-c" and i + 1 < len(tokens):
+            tok = tokens[i + 1]
+            i += 1
+        elif tok.startswith("-c"):
+            tok = tok[2:]
+        elif tok.startswith("--"):
+            tok = tok[2:]
+        else:
+            raise ProxyError(
+                "42704", f"invalid command-line argument in startup options: {tok}", fatal=True
+            )
+        key, sep, value = tok.partition("=")
+        if not sep:
+            raise ProxyError("42704", f"invalid startup option {tok!r}: expected key=value", fatal=True)
+        settings[key.replace("-", "_")] = value
+        i += 1
+    return settings
+
+
+class ClientSession(asyncio.Protocol):
+    """One application connection."""
+
+    def __init__(self, listener: ProxyServer, reject: ProxyError | None = None) -> None:
+        self.listener = listener
+        self.reject = reject
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.closed = False
+        self.relay = False
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.peer = ""
+        self.desired: dict[str, str] = {}
+        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (server name, body)
+        self.pinned: str | None = None
+        self.session_mode = listener.settings.pool.mode == "session"
+        self.max_message = listener.settings.proxy.max_message_bytes
+        self.pid = 0
+        self.secret = secrets.randbits(31)
+        self.connected_at = time.monotonic()
+        self.transactions = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._acquiring: asyncio.Task[None] | None = None
+        self._server_paused = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if self.reject is not None:
+            self.fail(self.reject)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.relay:
+            try:
+                if self.server is not None:
+                    self._forward()
+                else:
+                    self._idle_input()
+            except ValueError:  # a missing NUL terminator inside a message
+                self.buf.clear()
+                self.fail(ProxyError.protocol_violation("invalid message format"))
+        else:
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._acquiring is not None and not self._acquiring.done():
+            self._acquiring.cancel()
+        server = self.server
+        self.server = None
+        if server is not None:
+            self._return_server(server, abandoned=True)
+        if self.pinned is not None and self.pool is not None:
+            self.pool.unpin()
+            self.pinned = None
+        self.listener.session_closed(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading from the server.
+        if self.server is not None:
+            self._server_paused = True
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._server_paused:
+            self._server_paused = False
+            if self.server is not None:
+                self.server.resume_reading()
+
+    # ------------------------------------------------------------------ output
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def fail(self, err: ProxyError) -> None:
+        """Send an ErrorResponse; after a FATAL one, close the connection."""
+        if err.fatal:
+            log.info(
+                "client_fatal",
+                extra={"sqlstate": err.sqlstate, "error": err.message, "client": self.peer, "user": self.user},
+            )
+        self.write(pq.error_response(err))
+        if err.fatal:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # ------------------------------------------------------------------ startup
+    async def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.closed:
+                raise ConnectionResetError
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def _read_startup(self) -> pq.StartupMessage | pq.CancelRequest | pq.EncryptionRequest:
+        limit = self.listener.settings.proxy.max_startup_bytes
+        (length,) = pq.UINT32.unpack(await self._read(4))
+        if length < 8 or length > limit:
+            if length < 8:
+                raise ProxyError.protocol_violation("invalid length of startup packet")
+            raise ProxyError.startup_too_large(length, limit)
+        try:
+            return pq.parse_startup_packet(await self._read(length - 4))
+        except pq.ProtocolViolation as exc:
+            raise ProxyError.protocol_violation(str(exc)) from None
+
+    async def _read_message(self) -> tuple[bytes, bytes]:
+        kind, length = pq.HEADER.unpack(await self._read(5))
+        if length < 4 or length > self.listener.settings.proxy.max_startup_bytes:
+            raise ProxyError.protocol_violation(f"invalid message length {length} during authentication")
+        return kind, await self._read(length - 4)
+
+    async def _login(self) -> None:
+        timeout = self.listener.settings.proxy.client_login_timeout
+        try:
+            await asyncio.wait_for(self._startup(), timeout)
+        except ProxyError as err:
+            self.fail(err)
+            self.close()
+        except AuthFailed as exc:
+            self.fail(exc.error)
+            self.close()
+        except asyncio.TimeoutError:
+            self.fail(ProxyError.login_timeout(timeout))
+            self.close()
+        except (ConnectionError, asyncio.CancelledError):
+            self.close()
+        except Exception:  # noqa: BLE001 - one client's bug must not take down the proxy
+            log.exception("client_login_crashed", extra={"client": self.peer})
+            self.fail(ProxyError.internal("login failed"))
+            self.close()
+
+    async def _startup(self) -> None:
+        listener = self.listener
+        while True:
+            msg = await self._read_startup()
+            if isinstance(msg, pq.CancelRequest):
+                await listener.cancel(msg.pid, msg.secret)
+                self.close()
+                return
+            if isinstance(msg, pq.EncryptionRequest):
+                if msg.code == pq.SSL_REQUEST and listener.ssl_context is not None and not self._is_tls():
+                    if self.buf:
+                        raise ProxyError.protocol_violation("received unencrypted data after SSL request")
+                    self.write(b"S")
+                    await self._start_tls(listener.ssl_context)
+                else:
+                    self.write(pq.SSL_NO)
+                continue
+            break
+        major, minor = msg.protocol >> 16, msg.protocol & 0xFFFF
+        if major != 3:
+            raise ProxyError.unsupported_protocol(major, minor)
+        params = msg.params
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if minor > 0 or unsupported:
+            self.write(pq.negotiate_protocol_version(0, unsupported))
+        if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+            raise ProxyError(
+                "0A000", "replication connections are not supported by pgsidecar", fatal=True
+            )
+        user = params.get("user")
+        if not user:
+            raise ProxyError.no_user()
+        self.user = user
+        self.database = params.get("database") or user
+        self.application_name = params.get("application_name", "")
+        settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("_pq_.")}
+        if params.get("options"):
+            settings.update(parse_options(params["options"]))
+        for key in settings:
+            if key in READ_ONLY_PARAMS:
+                raise ProxyError("55P02", f'parameter "{key}" cannot be changed now', fatal=True)
+
+        # ---- authentication
+        verifier = listener.verifier(user)
+        first = verifier.first()
+        if first:
+            self.write(first)
+            done = False
+            while not done:
+                kind, body = await self._read_message()
+                if kind != pq.PASSWORD:
+                    raise ProxyError.protocol_violation(
+                        f"expected password response, got message type {kind.decode(errors='replace')!r}"
+                    )
+                reply, done = verifier.step(body)
+                if reply:
+                    self.write(reply)
+        self.write(pq.auth_request(pq.AUTH_OK))
+
+        # ---- the pool, and the parameters this client must be told
+        pool = listener.pool_for(self.database, user)
+        self.pool = pool
+        try:
+            reported = await pool.login_parameters(settings)
+        except ProxyError as err:
+            err.severity = "FATAL"  # a session that cannot reach its database cannot start
+            raise
+        desired = {k: v for k, v in reported.items() if k not in READ_ONLY_PARAMS}
+        for key, value in settings.items():
+            if key not in reported:
+                desired[key] = value
+        self.desired = desired
+        self.pid = listener.session_opened(self)
+        out = [pq.parameter_status(k, v) for k, v in reported.items()]
+        out.append(pq.backend_key_data(self.pid, self.secret))
+        out.append(pq.ready_for_query(b"I"))
+        self.write(b"".join(out))
+        self.relay = True
+        if self.buf:
+            self._idle_input()
+
+    def _is_tls(self) -> bool:
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        transport = await loop.start_tls(self.transport, self, context, server_side=True)
+        if transport is None:
+            raise ConnectionResetError
+        self.transport = transport  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ relay
+    def _idle_input(self) -> None:
+        """Client data while no server connection is attached."""
+        buf = self.buf
+        if len(buf) < 5:
+            return
+        kind, length = pq.HEADER.unpack_from(buf, 0)
+        if length < 4 or length > self.max_message:
+            self._violation(length)
+            return
+        if kind == b"X":
+            self.close()
+            return
+        if len(buf) < length + 1:
+            return
+        if self._acquiring is None:
+            if len(buf) > _PAUSE_BUFFER and self.transport is not None:
+                self.transport.pause_reading()
+            self._acquiring = asyncio.get_running_loop().create_task(self._attach())
+
+    async def _attach(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        try:
+            server = await pool.acquire()
+        except ProxyError as err:
+            self._acquiring = None
+            self._reject_pending_input(err)
+            return
+        except asyncio.CancelledError:
+            self._acquiring = None
+            return
+        self._acquiring = None
+        if self.closed:
+            pool.release(server)
+            return
+        server.client = self
+        self.server = server
+        if server.applied != self.desired:
+            pool.apply(server, self.desired)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._forward()
+
+    def _reject_pending_input(self, err: ProxyError) -> None:
+        """No server: answer the buffered messages with the error, keep the session usable.
+
+        Like PostgreSQL after an error in extended protocol, everything up to and including
+        the next Sync (or the Query) is consumed, then ReadyForQuery follows.
+        """
+        buf = self.buf
+        pos = 0
+        n = len(buf)
+        replied = False
+        while n - pos >= 5:
+            kind = buf[pos]
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            if end > n:
+                break
+            pos = end
+            if kind == _X:
+                del buf[:pos]
+                self.close()
+                return
+            if kind == _Q or kind == _S or kind == _F:
+                if not replied:
+                    self.write(pq.error_response(err))
+                replied = False
+                self.write(pq.ready_for_query(b"I"))
+            elif kind in (_P, _B, _D, _E, _C) and not replied:
+                self.write(pq.error_response(err))
+                replied = True
+        del buf[:pos]
+        if self.transport is not None:
+            self.transport.resume_reading()
+        if err.fatal:
+            self.fail(err)
+
+    def _violation(self, length: int) -> None:
+        if length > self.max_message:
+            self.fail(ProxyError.message_too_large(length, self.max_message))
+        else:
+            self.fail(ProxyError.protocol_violation(f"invalid message length {length}"))
+        self.buf.clear()
+        self.close()
+
+    def _forward(self) -> None:  # noqa: C901 - the hot loop, kept in one piece on purpose
+        server = self.server
+        assert server is not None
+        buf = self.buf
+        n = len(buf)
+        pos = 0
+        run = 0  # start of the run of client bytes forwarded untouched
+        out: list[bytes] = []
+        pending = server.pending
+        unpack = _LEN.unpack_from
+        while n - pos >= 5:
+            length = unpack(buf, pos + 1)[0]
+            if length < 4 or length > self.max_message:
+                self._violation(length)
+                return
+            end = pos + 1 + length
+            if end > n:
+                break
+            t = buf[pos]
+            if t == _Q:
+                pending.append(Request(K_QUERY, FORWARD))
+                self._inspect(bytes(buf[pos + 5 : end - 1]), server)
+            elif t == _B:
+                p1 = buf.index(0, pos + 5, end)
+                p2 = buf.index(0, p1 + 1, end)
+                if p2 > p1 + 1:
+                    target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
+                    if target is not None:
+                        body = bytes(buf[pos + 5 : p1 + 1]) + target + bytes(buf[p2:end])
+                        out.append(pq.message(pq.BIND, body))
+                        run = end
+                pending.append(Request(K_BIND, FORWARD))
+            elif t == _E or t == _S:
+                pending.append(Request(K_EXECUTE if t == _E else K_SYNC, FORWARD))
+            elif t == _P:
+                nul = buf.index(0, pos + 5, end)
+                qend = buf.index(0, nul + 1, end)
+                self._inspect(bytes(buf[nul + 1 : qend]), server)
+                if nul > pos + 5:
+                    name = bytes(buf[pos + 5 : nul])
+                    rest = bytes(buf[nul + 1 : end])
+                    snames = self.pool.statement_names  # type: ignore[union-attr]
+                    sname = snames.get(rest)
+                    if sname is None:
+                        sname = b"pgsc_%d" % (len(snames) + 1)
+                        snames[rest] = sname
+                    self.statements[name] = (sname, rest)
+                    if run < pos:
+                        out.append(bytes(buf[run:pos]))
+                    run = end
+                    if sname in server.prepared and not server.skipping:
+                        self._synthetic(server, pq.PARSE_COMPLETE_MSG, out)
+                    else:
+                        server.prepared.add(sname)
+                        out.append(pq.parse_message(sname, rest))
+                        pending.append(Request(K_PARSE, FORWARD, sname))
+                else:
+                    pending.append(Request(K_PARSE, FORWARD))
+            elif t == _D:
+                if buf[pos + 5] == _S and end - pos > 7:
+                    target = self._server_statement(bytes(buf[pos + 6 : end - 1]), server, out, buf, run, pos)
+                    if target is not None:
+                        out.append(pq.message(pq.DESCRIBE, b"S" + target + b"\x00"))
+                        run = end
+                pending.append(Request(K_DESCRIBE, FORWARD))
+            elif t == _C:
+                if buf[pos + 5] == _S and end - pos > 7:
+                    self.statements.pop(bytes(buf[pos + 6 : end - 1]), None)
+                    if run < pos:
+                        out.append(bytes(buf[run:pos]))
+                    run = end
+                    self._synthetic(server, pq.CLOSE_COMPLETE_MSG, out)
+                else:
+                    pending.append(Request(K_CLOSE, FORWARD))
+            elif t == _H or t in _COPY:
+                pass
+            elif t == _F:
+                pending.append(Request(K_FUNC, FORWARD))
+            elif t == _X:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                del buf[:end]
+                if out:
+                    server.send(b"".join(out))
+                self.close()
+                return
+            else:
+                self.fail(ProxyError.protocol_violation(f"invalid frontend message type {t}"))
+                return
+            pos = end
+        if pos:
+            if run < pos:
+                out.append(bytes(buf[run:pos]) if run or pos < n else bytes(buf))
+            del buf[:pos]
+            if out:
+                server.send(out[0] if len(out) == 1 else b"".join(out))
+
+    def _synthetic(self, server: ServerConnection, data: bytes, out: list[bytes]) -> None:
+        """A response the proxy makes itself, in its place among the server's responses."""
+        # Requests already in ``out`` are in ``pending`` too: the answer waits its turn.
+        due = server.add_synthetic(data)
+        if due is not None:
+            self.write(due)
+
+    def _server_statement(
+        self, name: bytes, server: ServerConnection, out: list[bytes], buf: bytearray, run: int, pos: int
+    ) -> bytes | None:
+        """Server-side name for a client's named statement, preparing it there if needed.
+
+        Returns None when the statement is unknown (the server will report the error).
+        Flushes the untouched run before the message being rewritten.
+        """
+        entry = self.statements.get(name)
+        if entry is None:
+            return None
+        sname, rest = entry
+        if run < pos:
+            out.append(bytes(buf[run:pos]))
+        if sname not in server.prepared and not server.skipping:
+            server.prepared.add(sname)
+            out.append(pq.parse_message(sname, rest))
+            server.pending.append(Request(K_PARSE, SKIP, sname))
+        return sname + b"\x00"
+
+    def _inspect(self, sql: bytes, server: ServerConnection) -> None:
+        reason, drops_statements = session_state(sql)
+        if drops_statements:
+            server.prepared.clear()
+        if reason is not None and self.pinned is None and not self.session_mode:
+            self.pinned = reason
+            self.pool.pin(reason)  # type: ignore[union-attr]
+            log.debug("client_pinned", extra={"reason": reason, "client": self.peer, "user": self.user})
+
+    # ------------------------------------------------------------------ called by ServerConnection
+    def server_ready(self, status: int) -> None:
+        server = self.server
+        if server is None or server.pending:
+            return
+        self.transactions += status == _IDLE
+        if status == _IDLE and self.pinned is None and not self.session_mode:
+            self.server = None
+            if self._server_paused:
+                self._server_paused = False
+                server.resume_reading()
+            self.pool.release(server)  # type: ignore[union-attr]
+            if self.buf:
+                self._idle_input()
+
+    def server_error(self, fields: dict[str, str]) -> None:
+        pass
+
+    def server_param(self, name: str, value: str) -> None:
+        if name not in READ_ONLY_PARAMS:
+            self.desired[name] = value
+
+    def server_lost(self) -> None:
+        server = self.server
+        self.server = None
+        if server is not None and self.pool is not None:
+            self.pool.discard(server)
+        self.fail(ProxyError.server_lost(self.pool.name if self.pool else "?"))
+
+    # ------------------------------------------------------------------ cleanup
+    def _return_server(self, server: ServerConnection, *, abandoned: bool) -> None:
+        """Give a server back after the client left: clean it, or close it."""
+        pool = self.pool
+        assert pool is not None
+        server.client = None
+        if self._server_paused:
+            server.resume_reading()
+        if server.closed:
+            pool.discard(server)
+            return
+        if server.pending:
+            # A request is still running: cancel it and drop the connection, so no lock and
+            # no half-read result can reach the next client.
+            pool.discard(server)
+            asyncio.get_running_loop().create_task(_cancel_quietly(server))
+            return
+        statements = []
+        if server.txn != _IDLE:
+            statements.append("ROLLBACK")
+        if self.pinned is not None or self.session_mode:
+            statements.append("DISCARD ALL")
+        if not statements:
+            pool.release(server)
+            return
+        asyncio.get_running_loop().create_task(self._reset(server, statements))
+
+    async def _reset(self, server: ServerConnection, statements: list[str]) -> None:
+        pool = self.pool
+        assert pool is not None
+        timeout = self.listener.settings.pool.server_reset_timeout
+        try:
+            for sql in statements:
+                err = await asyncio.wait_for(server.run_internal(sql), timeout)
+                if err is not None:
+                    raise ProxyError.from_server(err)
+                if sql == "DISCARD ALL":
+                    server.prepared.clear()
+                    server.extra_settings.clear()
+                    server.applied = None
+        except (ProxyError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("server_reset_failed", extra={"pool": pool.name, "error": str(exc)})
+            pool.discard(server)
+            return
+        pool.release(server)
+
+
+async def _cancel_quietly(server: ServerConnection) -> None:
+    try:
+        await server.endpoint.cancel(server.pid, server.secret)
+    except (OSError, asyncio.TimeoutError):
+        pass

@@ -1,0 +1,467 @@
+"""ServerConnection: one connection to PostgreSQL, where the proxy is the client.
+
+It owns the startup/authentication exchange with the server and, afterwards, the response
+path: every message from the server is matched against the queue of requests that were
+sent (``pending``), so the proxy knows when a request is complete, which responses belong
+to requests the proxy injected itself (swallowed), where synthetic responses must be slotted
+in (a ParseComplete for a statement already prepared on this server), and when the server
+is idle again (ReadyForQuery with nothing outstanding). Bytes the client must see are
+forwarded untouched, in contiguous runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import protocol as pq
+from .auth import AuthFailed, ServerAuthenticator
+from .errors import ProxyError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+_LEN = pq.UINT32
+# Request actions.
+FORWARD = 0  # the client's own request: responses go to the client
+SKIP = 1  # injected for a client (Parse, SET): responses swallowed, errors still reach the client
+INTERNAL = 2  # the proxy's own (reset, check): everything swallowed, result on a future
+SYNTH = 3  # no server request: ``data`` is sent to the client when this reaches the head
+
+# Request kinds (first byte of the frontend message, as int).
+K_QUERY = ord("Q")
+K_SYNC = ord("S")
+K_FUNC = ord("F")
+K_PARSE = ord("P")
+K_BIND = ord("B")
+K_DESCRIBE = ord("D")
+K_EXECUTE = ord("E")
+K_CLOSE = ord("C")
+
+_Z = ord("Z")
+_E = ord("E")
+_S = ord("S")
+_A = ord("A")
+_N = ord("N")
+_D = ord("D")
+_T = ord("T")
+_C = ord("C")
+_I = ord("I")
+_s = ord("s")
+_n = ord("n")
+_1 = ord("1")
+_2 = ord("2")
+_3 = ord("3")
+_ENDS_WITH_Z = frozenset((K_QUERY, K_SYNC, K_FUNC))
+_EXTENDED = frozenset((K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE))
+
+# Reported parameters that describe the server and cannot be SET by a client.
+READ_ONLY_PARAMS = frozenset(
+    {
+        "server_version",
+        "server_encoding",
+        "is_superuser",
+        "session_authorization",
+        "integer_datetimes",
+        "in_hot_standby",
+        "scram_iterations",
+    }
+)
+
+
+class Request:
+    """One request sent to the server (or a synthetic response waiting for its turn)."""
+
+    __slots__ = ("kind", "action", "data", "fut", "error")
+
+    def __init__(
+        self,
+        kind: int,
+        action: int,
+        data: bytes | None = None,
+        fut: asyncio.Future[Any] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.action = action
+        self.data = data
+        self.fut = fut
+        self.error: dict[str, str] | None = None
+
+
+class Attached(Protocol):
+    """What a ServerConnection needs from the client it serves (a ClientSession)."""
+
+    def write(self, data: bytes) -> None: ...
+    def server_error(self, fields: dict[str, str]) -> None: ...
+    def server_ready(self, status: int) -> None: ...
+    def server_param(self, name: str, value: str) -> None: ...
+    def server_lost(self) -> None: ...
+
+
+class Endpoint:
+    """Where and as whom to connect (built by the listener from the upstream DSN)."""
+
+    __slots__ = ("host", "port", "user", "password", "database", "connect_timeout", "label")
+
+    def __init__(
+        self, host: str, port: int, user: str, password: str | None, database: str, connect_timeout: float
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = password
+        self.database = database
+        self.connect_timeout = connect_timeout
+        self.label = f"{database}/{user}"
+
+    @property
+    def is_unix(self) -> bool:
+        return self.host.startswith("/")
+
+    async def open(self, factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any]:
+        loop = asyncio.get_running_loop()
+        if self.is_unix:
+            path = os.path.join(self.host, f".s.PGSQL.{self.port}")
+            return await loop.create_unix_connection(factory, path)  # type: ignore[return-value]
+        return await loop.create_connection(factory, self.host, self.port)  # type: ignore[return-value]
+
+    async def cancel(self, pid: int, secret: int) -> None:
+        """Send a CancelRequest for backend ``pid`` on a fresh connection."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        class _Cancel(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                transport.write(pq.cancel_request(pid, secret))  # type: ignore[attr-defined]
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+        transport, _ = await asyncio.wait_for(self.open(_Cancel), self.connect_timeout)
+        try:
+            await asyncio.wait_for(done, self.connect_timeout)
+        finally:
+            transport.close()
+
+
+class ServerConnection(asyncio.Protocol):
+    """One PostgreSQL backend connection, pooled."""
+
+    __slots__ = (
+        "endpoint",
+        "transport",
+        "buf",
+        "pending",
+        "client",
+        "params",
+        "extra_settings",
+        "applied",
+        "prepared",
+        "pid",
+        "secret",
+        "txn",
+        "skipping",
+        "closed",
+        "broken",
+        "created_at",
+        "last_used",
+        "overflow",
+        "_waiter",
+        "_connected",
+        "_paused",
+        "forgotten",
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending: deque[Request] = deque()
+        self.client: Attached | None = None
+        self.params: dict[str, str] = {}  # reported parameters, as the server last said
+        self.extra_settings: dict[str, str] = {}  # unreported settings the proxy SET
+        self.applied: dict[str, str] | None = None  # the client settings last applied
+        self.prepared: set[bytes] = set()  # statement names prepared on this server
+        self.pid = 0
+        self.secret = 0
+        self.txn = ord("I")
+        self.skipping = False
+        self.closed = False
+        self.broken = False
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.overflow = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._connected = False
+        self._paused = False
+        self.forgotten = False  # the pool no longer counts it
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self._connected:
+            self._process()
+        else:
+            self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.broken = True
+        self._wake()
+        err = {"C": "08006", "M": "server connection lost"}
+        for req in self.pending:
+            if req.fut is not None and not req.fut.done():
+                req.fut.set_result(err)
+        self.pending.clear()
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.server_lost()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # ------------------------------------------------------------------ startup
+    async def connect(self) -> None:
+        """Open the connection and authenticate; raise ProxyError on failure."""
+        ep = self.endpoint
+        try:
+            await asyncio.wait_for(self._connect(), ep.connect_timeout)
+        except ProxyError:
+            self.close()
+            raise
+        except AuthFailed as exc:
+            self.close()
+            raise exc.error from None
+        except asyncio.TimeoutError:
+            self.close()
+            raise ProxyError.server_unavailable(
+                ep.label, f"no answer within upstream.connect_timeout={ep.connect_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            self.close()
+            raise ProxyError.server_unavailable(ep.label, exc.strerror or str(exc)) from None
+
+    async def _connect(self) -> None:
+        ep = self.endpoint
+        await ep.open(lambda: self)
+        assert self.transport is not None
+        self.transport.write(pq.startup_message({"user": ep.user, "database": ep.database}))
+        auth = ServerAuthenticator(ep.user, ep.password)
+        while True:
+            kind, body = await self._read()
+            if kind == pq.AUTHENTICATION:
+                (code,) = pq.INT32.unpack_from(body, 0)
+                reply = auth.respond(code, body[4:])
+                if reply:
+                    self.transport.write(reply)
+            elif kind == pq.PARAMETER_STATUS:
+                name, pos = pq.read_cstr(body, 0)
+                value, _ = pq.read_cstr(body, pos)
+                self.params[name.decode()] = value.decode()
+            elif kind == pq.BACKEND_KEY_DATA:
+                self.pid, self.secret = pq.TWO_INT32.unpack_from(body, 0)
+            elif kind == pq.READY_FOR_QUERY:
+                self.txn = body[0]
+                break
+            elif kind == pq.ERROR_RESPONSE:
+                fields = pq.error_fields(body)
+                raise ProxyError.from_server(fields)
+            elif kind in (pq.NOTICE_RESPONSE, pq.NEGOTIATE_PROTOCOL_VERSION):
+                continue
+            else:
+                raise ProxyError.server_unavailable(ep.label, f"unexpected message {kind!r} during startup")
+        self._connected = True
+        if self.buf:
+            self._process()
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            buf = self.buf
+            if len(buf) >= 5:
+                kind, length = pq.HEADER.unpack_from(buf, 0)
+                if length < 4 or length > 1 << 30:
+                    raise ProxyError.server_unavailable(self.endpoint.label, "invalid message from server")
+                if len(buf) >= length + 1:
+                    body = bytes(buf[5 : length + 1])
+                    del buf[: length + 1]
+                    return kind, body
+            if self.closed:
+                raise ProxyError.server_unavailable(self.endpoint.label, "server closed the connection")
+            self._waiter = loop.create_future()
+            await self._waiter
+            self._waiter = None
+
+    # ------------------------------------------------------------------ requests
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def run_internal(self, sql: str) -> asyncio.Future[dict[str, str] | None]:
+        """Run a query whose results nobody sees; the future gets its error fields or None."""
+        fut: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
+        self.pending.append(Request(K_QUERY, INTERNAL, None, fut))
+        self.send(pq.query(sql))
+        return fut
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                try:
+                    self.transport.write(pq.TERMINATE_MSG)
+                except Exception:  # noqa: BLE001 - transport already failing
+                    pass
+                self.transport.close()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ response path
+    def _process(self) -> None:  # noqa: C901 - the hot loop, kept in one piece on purpose
+        buf = self.buf
+        n = len(buf)
+        pos = 0
+        pending = self.pending
+        client = self.client
+        out: list[bytes] = []
+        run = -1  # start of the current run of bytes to forward to the client
+        ready = False
+        unpack = _LEN.unpack_from
+        while n - pos >= 5:
+            end = pos + 1 + unpack(buf, pos + 1)[0]
+            if end > n:
+                break
+            t = buf[pos]
+            head = pending[0] if pending else None
+            done = False
+            forward = client is not None and (head is None or head.action == FORWARD)
+            if t == _D:
+                pass
+            elif t == _Z:
+                self.txn = buf[pos + 5]
+                self.skipping = False
+                done = True
+            elif t == _C or t == _I:
+                done = head is not None and head.kind == K_EXECUTE
+            elif t == _T:
+                done = head is not None and head.kind == K_DESCRIBE
+            elif t == _1 or t == _2 or t == _3 or t == _n or t == _s:
+                done = True
+            elif t == _E:
+                fields = pq.error_fields(buf[pos + 5 : end])
+                if head is None:
+                    if fields.get("S") in ("FATAL", "PANIC"):
+                        self.broken = True
+                else:
+                    if head.error is None:
+                        head.error = fields
+                    if client is not None and head.action == SKIP:
+                        forward = True  # injected for the client: it must see why it failed
+                    if forward and head.action == FORWARD:
+                        client.server_error(fields)  # type: ignore[union-attr]
+                    if head.kind in _EXTENDED:
+                        # The server now skips everything up to the next Sync: so do we.
+                        if forward:
+                            if run < 0:
+                                run = pos
+                        elif run >= 0:
+                            out.append(bytes(buf[run:pos]))
+                            run = -1
+                        pos = end
+                        self._fail_extended(head)
+                        continue
+            elif t == _S:
+                name, p2 = pq.read_cstr(buf, pos + 5)
+                value, _ = pq.read_cstr(buf, p2)
+                key = name.decode()
+                val = value.decode()
+                self.params[key] = val
+                if forward:
+                    client.server_param(key, val)  # type: ignore[union-attr]
+            # ---- forward this message, or swallow it
+            if forward:
+                if run < 0:
+                    run = pos
+            elif run >= 0:
+                out.append(bytes(buf[run:pos]))
+                run = -1
+            pos = end
+            if done and head is not None:
+                pending.popleft()
+                if head.fut is not None and not head.fut.done():
+                    head.fut.set_result(head.error)
+                if head.error is not None and head.kind == K_PARSE and head.data:
+                    self.prepared.discard(head.data)
+                if t == _Z and head.action == FORWARD:
+                    ready = True
+                if pending and pending[0].action == SYNTH:
+                    if run >= 0:
+                        out.append(bytes(buf[run:pos]))
+                        run = -1
+                    while pending and pending[0].action == SYNTH:
+                        data = pending.popleft().data
+                        if data and client is not None:
+                            out.append(data)
+        if run >= 0:
+            out.append(bytes(buf[run:pos]))
+        if pos:
+            del buf[:pos]
+        if client is not None and self.client is client:
+            if out:
+                client.write(out[0] if len(out) == 1 else b"".join(out))
+            if ready:
+                client.server_ready(self.txn)
+        if not pending:
+            self.last_used = time.monotonic()
+
+    def _fail_extended(self, head: Request) -> None:
+        """An extended-protocol request failed: drop every request up to the next Sync."""
+        pending = self.pending
+        pending.popleft()
+        if head.fut is not None and not head.fut.done():
+            head.fut.set_result(head.error)
+        if head.kind == K_PARSE and head.data:
+            self.prepared.discard(head.data)
+        while pending and pending[0].kind != K_SYNC:
+            req = pending.popleft()
+            if req.kind == K_PARSE and req.data and req.action != SYNTH:
+                self.prepared.discard(req.data)
+            if req.fut is not None and not req.fut.done():
+                req.fut.set_result(head.error)
+        self.skipping = True
+
+    def add_synthetic(self, data: bytes) -> bytes | None:
+        """Queue a synthetic response; return it when it is due right now (nothing pending)."""
+        if not self.pending:
+            return data
+        self.pending.append(Request(0, SYNTH, data))
+        return None
+

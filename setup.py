@@ -1,0 +1,40 @@
+"""pgsidecar: observability sidecar and PostgreSQL pooling proxy."""
+from setuptools import setup
+
+setup(
+    name="pgsidecar",
+    version="0.1.0",
+    description="Observability sidecar and PostgreSQL wire-protocol pooling proxy",
+    python_requires=">=3.11",
+    packages=["agent", "proxy", "config", "graphql_gateway"],
+    package_data={"config": ["*.yaml", "*.yml"]},
+    install_requires=[
+        "aiohttp>=3.9",
+        "asyncpg>=0.29",
+        "prometheus-client>=0.20",
+        "graphql-core>=3.2,<3.4",
+        "sqlparse>=0.5",
+        "pyyaml>=6",
+        "psutil>=5.9",
+        "alembic>=1.13",
+        "pglast>=6",
+        "scramp>=1.4",
+        "cachetools>=5",
+        "pgserver>=0.1.4",
+        "uvloop>=0.19; platform_system != 'Windows'",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-aiohttp>=1.0",
+            "pytest-asyncio>=0.23",
+            "pytest-timeout>=2.3",
+            "psycopg[binary]>=3.1",
+            "psycopg2-binary>=2.9",
+            "sqlalchemy>=2.0",
+            "hypothesis>=6",
+            "mypy>=1.8",
+        ],
+    },
+    entry_points={"console_scripts": ["pgsidecar=agent.cli:main"]},
+)

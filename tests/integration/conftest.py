@@ -1,0 +1,34 @@
+"""Fixtures that start a real pgsidecar proxy in front of the test PostgreSQL."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers.proxy_thread import RunningProxy
+
+
+@pytest.fixture
+def proxy_factory(pg_server: Any) -> Iterator[Callable[..., RunningProxy]]:
+    """``proxy_factory(upstream_dsn=None, **settings)`` -> a RunningProxy on a free port.
+
+    Settings are dotted keys with ``__`` for the dot, e.g. ``pool__size=3``.
+    """
+    started: list[RunningProxy] = []
+
+    def start(upstream_dsn: str | None = None, **settings: Any) -> RunningProxy:
+        overrides = {key.replace("__", "."): value for key, value in settings.items()}
+        proxy = RunningProxy(upstream_dsn or pg_server.dsn, overrides)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory: Callable[..., RunningProxy]) -> RunningProxy:
+    """A transaction-mode proxy with a small pool (size 3, overflow 2)."""
+    return proxy_factory(pool__size=3, pool__max_overflow=2, pool__checkout_timeout=10.0)
