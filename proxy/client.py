@@ -514,7 +514,7 @@ class ClientSession(asyncio.Protocol):
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
-                        body = bytes(buf[pos + 5 : p1 + 1]) + target + bytes(buf[p2:end])
+                        body = bytes(buf[pos + 5 : p1 + 1]) + target + bytes(buf[p2 + 1 : end])
                         out.append(pq.message(pq.BIND, body))
                         run = end
                 pending.append(Request(K_BIND, FORWARD))
@@ -548,7 +548,7 @@ class ClientSession(asyncio.Protocol):
                 if buf[pos + 5] == _S and end - pos > 7:
                     target = self._server_statement(bytes(buf[pos + 6 : end - 1]), server, out, buf, run, pos)
                     if target is not None:
-                        out.append(pq.message(pq.DESCRIBE, b"S" + target + b"\x00"))
+                        out.append(pq.message(pq.DESCRIBE, b"S" + target))
                         run = end
                 pending.append(Request(K_DESCRIBE, FORWARD))
             elif t == _C:
