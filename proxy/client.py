@@ -93,11 +93,15 @@ _STATE_RE = re.compile(
 _STATE_REASONS = ("listen", "temp_table", "prepare", "with_hold_cursor", "advisory_lock", "set_config", "load")
 _DEALLOCATE_RE = re.compile(rb"\b(?:deallocate|discard\s+(?:all|plans))\b", re.I)
 _NO_STATE = (None, False)
+_SCREEN = re.compile(rb"set|listen|temp|prepare|hold|advisory|load|dealloc|discard")
 _state_memo: dict[bytes, tuple[str | None, bool]] = {}
 
 
 def session_state(sql: bytes) -> tuple[str | None, bool]:
     """(pin reason or None, whether it drops prepared statements) for a statement text."""
+    # Cheap screen first: almost every statement contains none of these words.
+    if _SCREEN.search(sql.lower()) is None:
+        return _NO_STATE
     memo = _state_memo.get(sql)
     if memo is not None:
         return memo

@@ -91,13 +91,13 @@ def cstr(value: str) -> bytes:
     return value.encode() + b"\x00"
 
 
-def read_cstr(data: bytes | memoryview, offset: int) -> tuple[bytes, int]:
+def read_cstr(data: bytes | bytearray | memoryview, offset: int) -> tuple[bytes, int]:
     """Return the NUL-terminated string at offset (without NUL) and the offset after it."""
     buf = bytes(data) if isinstance(data, memoryview) else data
     end = buf.find(b"\x00", offset)
     if end < 0:
         raise ProtocolViolation("unterminated string in message")
-    return buf[offset:end], end + 1
+    return bytes(buf[offset:end]), end + 1
 
 
 # --------------------------------------------------------------------------- startup
@@ -191,7 +191,7 @@ def negotiate_protocol_version(minor: int, unsupported: list[str]) -> bytes:
     return message(NEGOTIATE_PROTOCOL_VERSION, body)
 
 
-def error_fields(body: bytes | memoryview) -> dict[str, str]:
+def error_fields(body: bytes | bytearray | memoryview) -> dict[str, str]:
     """Decode the fields of an ErrorResponse/NoticeResponse body into {code: value}."""
     fields: dict[str, str] = {}
     raw = bytes(body)
