@@ -13,6 +13,10 @@ PROXY_LEAVES = {"fingerprint", "cache", "stats"}
 
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
+    # Imports under ``if TYPE_CHECKING:`` are annotations only, not runtime dependencies.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
