@@ -242,6 +242,14 @@ class ClientSession(asyncio.Protocol):
             if self.server is not None:
                 self.server.resume_reading()
 
+    def pause_input(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_input(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     # ------------------------------------------------------------------ output
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -634,6 +642,8 @@ class ClientSession(asyncio.Protocol):
             if self._server_paused:
                 self._server_paused = False
                 server.resume_reading()
+            if server._paused:  # noqa: SLF001
+                self.resume_input()
             self.pool.release(server)  # type: ignore[union-attr]
             if self.buf:
                 self._idle_input()

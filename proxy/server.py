@@ -101,6 +101,8 @@ class Attached(Protocol):
     def server_ready(self, status: int) -> None: ...
     def server_param(self, name: str, value: str) -> None: ...
     def server_lost(self) -> None: ...
+    def pause_input(self) -> None: ...
+    def resume_input(self) -> None: ...
 
 
 class Endpoint:
@@ -228,10 +230,15 @@ class ServerConnection(asyncio.Protocol):
             client.server_lost()
 
     def pause_writing(self) -> None:
+        # The server reads slower than the client sends (a big COPY): stop reading the client.
         self._paused = True
+        if self.client is not None:
+            self.client.pause_input()
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self.client is not None:
+            self.client.resume_input()
 
     def _wake(self) -> None:
         w = self._waiter
