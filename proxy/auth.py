@@ -6,6 +6,8 @@ Authentication requests. Callers do the I/O; these only turn message bodies into
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -101,11 +103,19 @@ class _Md5(ClientVerifier):
 
 
 class _Scram(ClientVerifier):
+    """SCRAM-SHA-256 without channel binding (RFC 5802/7677), as PostgreSQL runs it.
+
+    Written out rather than delegated to scramp's server: libpq sends an empty user name
+    (``n=,``) because PostgreSQL takes it from the startup packet, which scramp rejects.
+    """
+
     def __init__(self, method: str, user: str, secret: UserSecret | None) -> None:
         super().__init__(method, user, secret)
-        info = (secret or _FAKE).scram_info()
-        self._server = _MECHANISM.make_server(lambda _username: info)
+        self._salt, self._stored_key, self._server_key, self._iterations = (secret or _FAKE).scram_info()
         self._stage = 0
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
 
     def first(self) -> bytes:
         return pq.auth_sasl([_SCRAM])
@@ -114,30 +124,60 @@ class _Scram(ClientVerifier):
         try:
             if self._stage == 0:
                 self._stage = 1
-                mechanism, pos = pq.read_cstr(body, 0)
-                if mechanism.decode() != _SCRAM:
-                    raise AuthFailed(
-                        ProxyError(
-                            SqlState.PROTOCOL_VIOLATION,
-                            "client selected an invalid SASL authentication mechanism",
-                            fatal=True,
-                        )
-                    )
-                (length,) = pq.INT32.unpack_from(body, pos)
-                data = body[pos + 4 : pos + 4 + length] if length >= 0 else b""
-                self._server.set_client_first(data.decode())
-                return pq.auth_request(pq.AUTH_SASL_CONTINUE, self._server.get_server_first().encode()), False
-            self._server.set_client_final(body.decode())
-            final = pq.auth_request(pq.AUTH_SASL_FINAL, self._server.get_server_final().encode())
+                return self._client_first(body), False
+            return self._client_final(body), True
         except AuthFailed:
             raise
-        except (ScramException, ValueError, UnicodeDecodeError, pq.ProtocolViolation, IndexError) as exc:
+        except (ValueError, UnicodeDecodeError, pq.ProtocolViolation, IndexError, binascii.Error) as exc:
             raise self._failed() from exc
-        except Exception as exc:  # noqa: BLE001 - scramp raises assorted errors on garbage
-            raise self._failed() from exc
-        if self.secret is None:
+
+    def _client_first(self, body: bytes) -> bytes:
+        mechanism, pos = pq.read_cstr(body, 0)
+        if mechanism.decode() != _SCRAM:
+            raise AuthFailed(
+                ProxyError(
+                    SqlState.PROTOCOL_VIOLATION,
+                    "client selected an invalid SASL authentication mechanism",
+                    fatal=True,
+                )
+            )
+        (length,) = pq.INT32.unpack_from(body, pos)
+        message = body[pos + 4 : pos + 4 + length].decode()
+        cbind, _, rest = message.partition(",")
+        if cbind not in ("n", "y"):
+            raise ValueError("channel binding is not supported")
+        authzid, _, bare = rest.partition(",")
+        if authzid:
+            raise ValueError("authorization identity is not supported")
+        attrs = dict(part.split("=", 1) for part in bare.split(","))
+        client_nonce = attrs["r"]
+        if not client_nonce or "m" in attrs:
+            raise ValueError("invalid client-first-message")
+        self._client_first_bare = bare
+        self._nonce = client_nonce + base64.b64encode(os.urandom(18)).decode()
+        self._server_first = (
+            f"r={self._nonce},s={base64.b64encode(self._salt).decode()},i={self._iterations}"
+        )
+        return pq.auth_request(pq.AUTH_SASL_CONTINUE, self._server_first.encode())
+
+    def _client_final(self, body: bytes) -> bytes:
+        message = body.decode()
+        without_proof, sep, proof_b64 = message.rpartition(",p=")
+        if not sep:
+            raise ValueError("client-final-message without proof")
+        attrs = dict(part.split("=", 1) for part in without_proof.split(","))
+        if attrs.get("r") != self._nonce or attrs.get("c") not in ("biws", "eSws"):
             raise self._failed()
-        return final, True
+        auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
+        proof = base64.b64decode(proof_b64, validate=True)
+        signature = hmac.new(self._stored_key, auth_message, hashlib.sha256).digest()
+        if len(proof) != len(signature):
+            raise self._failed()
+        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        if self.secret is None or not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._stored_key):
+            raise self._failed()
+        server_signature = hmac.new(self._server_key, auth_message, hashlib.sha256).digest()
+        return pq.auth_request(pq.AUTH_SASL_FINAL, b"v=" + base64.b64encode(server_signature))
 
 
 def make_verifier(method: str, user: str, secret: UserSecret | None) -> ClientVerifier:

@@ -196,18 +196,21 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.relay:
-            try:
-                if self.server is not None:
-                    self._forward()
-                else:
-                    self._idle_input()
-            except ValueError:  # a missing NUL terminator inside a message
-                self.buf.clear()
-                self.fail(ProxyError.protocol_violation("invalid message format"))
+            self._pump()
         else:
             w = self._waiter
             if w is not None and not w.done():
                 w.set_result(None)
+
+    def _pump(self) -> None:
+        try:
+            if self.server is not None:
+                self._forward()
+            else:
+                self._idle_input()
+        except (ValueError, IndexError):  # a missing NUL terminator inside a message
+            self.buf.clear()
+            self.fail(ProxyError.protocol_violation("invalid message format"))
 
     def eof_received(self) -> bool | None:
         return None
@@ -344,7 +347,7 @@ class ClientSession(asyncio.Protocol):
         params = msg.params
         unsupported = [k for k in params if k.startswith("_pq_.")]
         if minor > 0 or unsupported:
-            self.write(pq.negotiate_protocol_version(0, unsupported))
+            self.write(pq.negotiate_protocol_version(pq.PROTOCOL_3_0, unsupported))
         if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
             raise ProxyError(
                 "0A000", "replication connections are not supported by pgsidecar", fatal=True
@@ -454,7 +457,7 @@ class ClientSession(asyncio.Protocol):
             pool.apply(server, self.desired)
         if self.transport is not None:
             self.transport.resume_reading()
-        self._forward()
+        self._pump()
 
     def _reject_pending_input(self, err: ProxyError) -> None:
         """No server: answer the buffered messages with the error, keep the session usable.

@@ -94,6 +94,9 @@ class ProxyServer:
             raise ProxyError(
                 "28000", f'role "{user}" is not allowed to connect through this proxy', fatal=True
             )
+        if method == "trust" and secret is None:
+            # Trust skips the password, not the user list (as PgBouncer does).
+            raise ProxyError("28000", f'role "{user}" does not exist', fatal=True)
         return make_verifier(method, user, secret)
 
     def pool_for(self, database: str, user: str) -> Pool:

@@ -251,8 +251,11 @@ class Pool:
         if cached is not None:
             return cached
         server = await self.acquire()
+        # Start from a fresh connection's values, not from whatever the last client left.
+        desired = {k: v for k, v in self.defaults.items() if k not in READ_ONLY_PARAMS}
+        desired.update(settings)
         try:
-            err = await self.apply(server, settings, wait=True)
+            err = await self.apply(server, desired, wait=True)
         except BaseException:
             self.discard(server)
             raise

@@ -178,6 +178,7 @@ class ServerConnection(asyncio.Protocol):
         "_connected",
         "_paused",
         "forgotten",
+        "_authenticated",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -203,6 +204,7 @@ class ServerConnection(asyncio.Protocol):
         self._connected = False
         self._paused = False
         self.forgotten = False  # the pool no longer counts it
+        self._authenticated = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -276,6 +278,8 @@ class ServerConnection(asyncio.Protocol):
             kind, body = await self._read()
             if kind == pq.AUTHENTICATION:
                 (code,) = pq.INT32.unpack_from(body, 0)
+                if code == pq.AUTH_OK:
+                    self._authenticated = True
                 reply = auth.respond(code, body[4:])
                 if reply:
                     self.transport.write(reply)
@@ -289,8 +293,14 @@ class ServerConnection(asyncio.Protocol):
                 self.txn = body[0]
                 break
             elif kind == pq.ERROR_RESPONSE:
-                fields = pq.error_fields(body)
-                raise ProxyError.from_server(fields)
+                err = ProxyError.from_server(pq.error_fields(body))
+                if err.sqlstate in ("28P01", "28000") and not self._authenticated:
+                    # The client's own login succeeded; it is the proxy's login that failed.
+                    err.detail = (
+                        f'pgsidecar could not log in to PostgreSQL at {ep.host}:{ep.port} as "{ep.user}"'
+                    )
+                    err.hint = "check the password in upstream.dsn or auth.users"
+                raise err
             elif kind in (pq.NOTICE_RESPONSE, pq.NEGOTIATE_PROTOCOL_VERSION):
                 continue
             else:
