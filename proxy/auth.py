@@ -119,7 +119,9 @@ class UserSecret:
 
 
 def _malformed_scram(detail: str) -> AuthFailed:
-    return AuthFailed(ProxyError(SqlState.PROTOCOL_VIOLATION, "malformed SCRAM message", detail=detail, fatal=True))
+    return AuthFailed(
+        ProxyError(SqlState.PROTOCOL_VIOLATION, "malformed SCRAM message", detail=detail, fatal=True)
+    )
 
 
 def _client_protocol_violation(message: str) -> AuthFailed:
@@ -270,7 +272,9 @@ class _ScramVerifier(ClientVerifier):
                 "but the SCRAM message includes channel binding data."
             )
         if text[:3] not in ("n,,", "y,,"):
-            raise _malformed_scram('Unexpected channel-binding flag or authorization identity; expected "n,," or "y,,".')
+            raise _malformed_scram(
+                'Unexpected channel-binding flag or authorization identity; expected "n,," or "y,,".'
+            )
         bare = text[3:]
         name, comma, rest = bare.partition(",")
         if not name.startswith("n=") or not comma:
@@ -313,7 +317,8 @@ def make_verifier(method: str, user: str, secret: UserSecret | None) -> ClientVe
     try:
         cls = _VERIFIERS[method]
     except KeyError:
-        raise ValueError(f"unknown authentication method {method!r} (expected one of: {', '.join(METHODS)})") from None
+        expected = ", ".join(METHODS)
+        raise ValueError(f"unknown authentication method {method!r} (expected one of: {expected})") from None
     return cls(method, user, secret)
 
 
@@ -338,7 +343,9 @@ class ServerAuthenticator:
         """
         if code == pq.AUTH_OK:
             if self._scram_stage in (1, 2):
-                raise _server_protocol_violation("AuthenticationOk arrived before the SCRAM exchange finished")
+                raise _server_protocol_violation(
+                    "AuthenticationOk arrived before the SCRAM exchange finished"
+                )
             return None
         if code == pq.AUTH_CLEARTEXT:
             return pq.password_message(self._require_password("password").encode() + b"\x00")

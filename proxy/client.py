@@ -394,7 +394,7 @@ class ClientSession(asyncio.Protocol):
         for key, value in settings.items():
             if key not in reported:
                 desired[key] = value
-        self.desired = desired
+        self.desired = pool.intern_settings(desired)
         self.pid = listener.session_opened(self)
         out = [pq.parameter_status(k, v) for k, v in reported.items()]
         out.append(pq.backend_key_data(self.pid, self.secret))
@@ -431,6 +431,10 @@ class ClientSession(asyncio.Protocol):
         if len(buf) < length + 1:
             return
         if self._acquiring is None:
+            server = self.pool.try_acquire()  # type: ignore[union-attr]
+            if server is not None:
+                self._attached(server)
+                return
             if len(buf) > _PAUSE_BUFFER and self.transport is not None:
                 self.transport.pause_reading()
             self._acquiring = asyncio.get_running_loop().create_task(self._attach())
@@ -451,12 +455,15 @@ class ClientSession(asyncio.Protocol):
         if self.closed:
             pool.release(server)
             return
-        server.client = self
-        self.server = server
-        if server.applied != self.desired:
-            pool.apply(server, self.desired)
         if self.transport is not None:
             self.transport.resume_reading()
+        self._attached(server)
+
+    def _attached(self, server: ServerConnection) -> None:
+        server.client = self
+        self.server = server
+        if server.applied is not self.desired:
+            self.pool.apply(server, self.desired)  # type: ignore[union-attr]
         self._pump()
 
     def _reject_pending_input(self, err: ProxyError) -> None:
@@ -655,8 +662,10 @@ class ClientSession(asyncio.Protocol):
         pass
 
     def server_param(self, name: str, value: str) -> None:
-        if name not in READ_ONLY_PARAMS:
-            self.desired[name] = value
+        if name not in READ_ONLY_PARAMS and self.desired.get(name) != value:
+            changed = dict(self.desired)
+            changed[name] = value
+            self.desired = self.pool.intern_settings(changed)  # type: ignore[union-attr]
 
     def server_lost(self) -> None:
         server = self.server

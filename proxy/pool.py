@@ -70,6 +70,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
         self._closed = False
         self._login_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        self._interned: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.defaults: dict[str, str] = {}  # reported parameters of a fresh server connection
         # statistics
         self.checkouts = 0
@@ -99,6 +100,36 @@ class Pool:
             self.wait_buckets[-1] += 1
         self.active.add(server)
         return server
+
+    def try_acquire(self) -> ServerConnection | None:
+        """Synchronous fast path: a recently used idle connection, or None (then ``acquire``)."""
+        idle = self.idle
+        while idle:
+            server = idle[-1]
+            if server.closed or server.broken:
+                idle.pop()
+                self._forget(server)
+                continue
+            if time.monotonic() - server.last_used > self.settings.server_check_delay:
+                return None  # needs a check first: the async path does it
+            idle.pop()
+            self.checkouts += 1
+            self.wait_buckets[0] += 1
+            self.active.add(server)
+            return server
+        return None
+
+    def intern_settings(self, settings: dict[str, str]) -> dict[str, str]:
+        """One shared dict per distinct combination of client settings, so that checking
+        whether a server connection already runs with a client's settings is an identity test.
+        The returned dict must not be mutated."""
+        key = tuple(sorted(settings.items()))
+        shared = self._interned.get(key)
+        if shared is None:
+            if len(self._interned) > 10000:
+                self._interned.clear()
+            shared = self._interned[key] = dict(settings)
+        return shared
 
     async def _acquire(self, start: float) -> ServerConnection:
         settings = self.settings
@@ -290,7 +321,7 @@ class Pool:
         for key in [k for k in extra if k not in desired]:
             statements.append(f"RESET {_ident(key)}")
             del extra[key]
-        server.applied = dict(desired)
+        server.applied = desired
         if not statements:
             if wait:
                 fut = asyncio.get_running_loop().create_future()

@@ -421,6 +421,7 @@ class ServerConnection(asyncio.Protocol):
                 key = name.decode()
                 val = value.decode()
                 self.params[key] = val
+                self.applied = None  # no longer known to match any client's settings
                 if forward:
                     client.server_param(key, val)  # type: ignore[union-attr]
             # ---- forward this message, or swallow it

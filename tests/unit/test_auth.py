@@ -58,7 +58,9 @@ def password_body(framed: bytes) -> bytes:
     return body
 
 
-def run(verifier: ClientVerifier, authenticator: ServerAuthenticator, seen: list[int] | None = None) -> list[int]:
+def run(
+    verifier: ClientVerifier, authenticator: ServerAuthenticator, seen: list[int] | None = None
+) -> list[int]:
     """Drive a full login the way client.py and server.py do; return the codes the client saw."""
     seen = [] if seen is None else seen
     outgoing = verifier.first() + (b"" if verifier.method != "trust" else pq.auth_request(pq.AUTH_OK))
@@ -91,7 +93,9 @@ def sasl_initial(data: bytes, mechanism: bytes = b"SCRAM-SHA-256") -> bytes:
     return mechanism + b"\x00" + struct.pack("!i", len(data)) + data
 
 
-def libpq_client_final(password: str, client_first_bare: str, server_first: str, gs2: str) -> tuple[str, bytes]:
+def libpq_client_final(
+    password: str, client_first_bare: str, server_first: str, gs2: str
+) -> tuple[str, bytes]:
     """What libpq computes (RFC 5802 section 3), written out independently of proxy and scramp.
 
     Returns the client-final-message and the ServerSignature the server must answer with."""
@@ -260,7 +264,8 @@ def test_scram_keys_match_rfc7677_test_vector() -> None:
     signature = hmac.new(info.server_key, message, hashlib.sha256).digest()
     assert base64.b64encode(signature) == b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
     client_proof = base64.b64decode("dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
-    client_key = bytes(a ^ b for a, b in zip(client_proof, hmac.new(info.stored_key, message, hashlib.sha256).digest()))
+    client_signature = hmac.new(info.stored_key, message, hashlib.sha256).digest()
+    client_key = bytes(a ^ b for a, b in zip(client_proof, client_signature))
     assert hashlib.sha256(client_key).digest() == info.stored_key
 
 
@@ -284,7 +289,8 @@ def test_unknown_users_get_a_stable_mock_salt_like_postgresql() -> None:
         reply, _ = verifier.step(sasl_initial(b"n,,n=,r=abc"))
         return dict(p.split("=", 1) for p in auth_message(reply)[1].decode().split(","))
 
-    ghost1, ghost2, other = server_first("ghost", False), server_first("ghost", False), server_first("nobody", False)
+    ghost1, ghost2 = server_first("ghost", False), server_first("ghost", False)
+    other = server_first("nobody", False)
     real = server_first(USER, True)
     assert ghost1["s"] == ghost2["s"] != other["s"]
     assert len(base64.b64decode(ghost1["s"])) == len(base64.b64decode(real["s"])) == 16
@@ -489,7 +495,8 @@ def test_authenticator_answers_cleartext_and_md5() -> None:
     auth = ServerAuthenticator(USER, PASSWORD)
     assert auth.respond(pq.AUTH_CLEARTEXT, b"") == pq.password_message(PASSWORD.encode() + b"\x00")
     salt = b"abcd"
-    assert auth.respond(pq.AUTH_MD5, salt) == pq.password_message(md5_password(PASSWORD, USER, salt).encode() + b"\x00")
+    expected = pq.password_message(md5_password(PASSWORD, USER, salt).encode() + b"\x00")
+    assert auth.respond(pq.AUTH_MD5, salt) == expected
     assert auth.respond(pq.AUTH_OK, b"") is None
 
 
@@ -521,9 +528,12 @@ def test_authenticator_refuses_sasl_without_plain_scram(offered: bytes) -> None:
 
 @pytest.mark.parametrize("password", [None, ""])
 @pytest.mark.parametrize(
-    "code,payload", [(pq.AUTH_CLEARTEXT, b""), (pq.AUTH_MD5, b"abcd"), (pq.AUTH_SASL, b"SCRAM-SHA-256\x00\x00")]
+    "code,payload",
+    [(pq.AUTH_CLEARTEXT, b""), (pq.AUTH_MD5, b"abcd"), (pq.AUTH_SASL, b"SCRAM-SHA-256\x00\x00")],
 )
-def test_authenticator_without_password_names_upstream_dsn(password: str | None, code: int, payload: bytes) -> None:
+def test_authenticator_without_password_names_upstream_dsn(
+    password: str | None, code: int, payload: bytes
+) -> None:
     with pytest.raises(AuthFailed) as caught:
         ServerAuthenticator(USER, password).respond(code, payload)
     err = caught.value.error
