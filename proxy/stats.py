@@ -1,0 +1,421 @@
+"""QueryStats: per-fingerprint statistics, aggregated query counters and the slow-query ring.
+
+Owns what the proxy remembers about the queries it has timed (issue 3): per fingerprint, what
+pg_stat_statements keeps plus latency histograms (so percentiles) and the application_names that
+ran it; aggregated counters and duration histograms keyed by (database, user, kind) for
+Prometheus; and a bounded ring of recent slow queries. Pure and synchronous: the client session
+calls ``query_finished`` once per statement; the agent's collectors read ``snapshot()`` at scrape
+time and its API reads ``top``/``get``/``slow``. No prometheus import (CONVENTIONS habit 10).
+
+Decisions worth knowing:
+
+- Histograms use ``LATENCY_BUCKETS`` (seconds, ``le`` upper bounds like Prometheus, plus +Inf).
+  Percentiles are estimated like Prometheus' ``histogram_quantile``: find the bucket holding the
+  rank ``q * calls`` and interpolate linearly inside it (the first bucket starts at 0; the +Inf
+  bucket reports the observed maximum); the estimate is then clamped to the observed min/max, so
+  a fingerprint whose calls all take 0.3 ms reports 0.3 ms, not a bucket midpoint.
+- A statement is slow when ``duration * 1000 > slow_threshold_ms``: exactly at the threshold is
+  not slow (the issue says "over the threshold"; PostgreSQL's ``log_min_duration_statement``
+  logs at >=, a difference of one timer tick).
+- Memory is bounded: at most ``max_fingerprints`` entries. When a new fingerprint arrives at the
+  bound, the least significant 10 % (lowest total time, then least recently seen) are evicted in
+  one batch, keeping the amortised cost per new fingerprint low; ``evicted`` counts them. An
+  entry keeps at most ``MAX_APPLICATION_NAMES`` names, then adds "other".
+- ``reset()`` clears what the API shows (fingerprints and the slow ring) but leaves the
+  aggregated counters, histograms, slow counts and ``evicted`` alone: they are Prometheus counters
+  and must only go up during a process's life. ``snapshot().reset_at`` says when it happened.
+
+Measured with ``python -m proxy.stats`` while benchmarks loaded this 2-CPU machine:
+``query_finished`` for a known fingerprint costs 1.2-2.3 µs (target: well under 5 µs); for a new
+fingerprint, with the batch evictions amortised, ~5-10 µs.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Mapping
+
+from .fingerprint import Fingerprint
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_APPLICATION_NAMES",
+    "TOP_ORDERS",
+    "FingerprintSnapshot",
+    "HistogramSnapshot",
+    "QueryStats",
+    "SlowQuery",
+    "StatsSnapshot",
+    "pretty_sql",
+]
+
+#: Upper bounds in seconds (``le``), resolving 0.25 ms ... 10 s; +Inf is implicit (the last count).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+MAX_APPLICATION_NAMES = 10
+OTHER_APPLICATIONS = "other"
+EVICT_FRACTION = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class SlowQuery:
+    """One statement over the slow threshold. Normalised text only: never literals or binds."""
+
+    fingerprint: str  # Fingerprint.id
+    normalized: str
+    kind: str
+    duration_ms: float
+    wait_ms: float
+    rows: int
+    database: str
+    user: str
+    application_name: str
+    client: str
+    sqlstate: str | None
+    at: float  # wall clock, seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """A Prometheus-shaped histogram: cumulative counts per ``LATENCY_BUCKETS`` bound and +Inf."""
+
+    buckets: tuple[int, ...]  # cumulative; len(LATENCY_BUCKETS) + 1, the last is the count
+    sum: float  # seconds
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintSnapshot:
+    """One fingerprint's statistics at one moment (times in milliseconds, wall-clock seconds)."""
+
+    id: str
+    normalized: str
+    kind: str
+    tables: tuple[str, ...]
+    calls: int
+    errors: int
+    rows: int
+    total_ms: float
+    min_ms: float
+    max_ms: float
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    buckets: tuple[int, ...]  # cumulative counts per LATENCY_BUCKETS bound, then +Inf (== calls)
+    first_seen: float
+    last_seen: float
+    application_names: tuple[str, ...]
+    wait_ms_total: float
+    last_sqlstate: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Everything the Prometheus collectors need, as plain values (fresh copies)."""
+
+    queries: Mapping[tuple[str, str, str, str], int]  # (database, user, kind, status) -> count
+    durations: Mapping[tuple[str, str, str], HistogramSnapshot]  # (database, user, kind)
+    slow: Mapping[tuple[str, str], int]  # (database, user) -> slow statements
+    evicted: int
+    fingerprints: int
+    bounds: tuple[float, ...]
+    reset_at: float | None
+
+
+class _Entry:
+    """Mutable per-fingerprint accumulator (hot path: plain attributes, one list of counts)."""
+
+    __slots__ = ("fingerprint", "calls", "errors", "rows", "total", "min", "max", "counts",
+                 "first_seen", "last_seen", "applications", "wait", "last_sqlstate")
+
+    def __init__(self, fingerprint: Fingerprint, now: float) -> None:
+        self.fingerprint = fingerprint
+        self.calls = 0
+        self.errors = 0
+        self.rows = 0
+        self.total = 0.0
+        self.min = float("inf")
+        self.max = 0.0
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.first_seen = now
+        self.last_seen = now
+        self.applications: set[str] = set()
+        self.wait = 0.0
+        self.last_sqlstate: str | None = None
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+
+def _cumulative(counts: list[int]) -> tuple[int, ...]:
+    running = 0
+    out = []
+    for count in counts:
+        running += count
+        out.append(running)
+    return tuple(out)
+
+
+def _quantile(q: float, counts: list[int], total: int, low: float, high: float) -> float:
+    """Seconds at quantile ``q`` by linear interpolation in the bucket, clamped to [low, high]."""
+    if total == 0:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if index == len(LATENCY_BUCKETS):
+                return high
+            lower = LATENCY_BUCKETS[index - 1] if index else 0.0
+            upper = LATENCY_BUCKETS[index]
+            value = lower + (upper - lower) * ((rank - seen) / count)
+            return min(max(value, low), high)
+        seen += count
+    return high  # pragma: no cover - unreachable when counts sum to total
+
+
+def _snapshot(entry: _Entry) -> FingerprintSnapshot:
+    fp = entry.fingerprint
+    calls = entry.calls
+    low, high = entry.min, entry.max
+    counts = entry.counts
+    return FingerprintSnapshot(
+        id=fp.id,
+        normalized=fp.normalized,
+        kind=fp.kind,
+        tables=fp.tables,
+        calls=calls,
+        errors=entry.errors,
+        rows=entry.rows,
+        total_ms=entry.total * 1000.0,
+        min_ms=low * 1000.0,
+        max_ms=high * 1000.0,
+        mean_ms=entry.total * 1000.0 / calls,
+        p50_ms=_quantile(0.50, counts, calls, low, high) * 1000.0,
+        p95_ms=_quantile(0.95, counts, calls, low, high) * 1000.0,
+        p99_ms=_quantile(0.99, counts, calls, low, high) * 1000.0,
+        buckets=_cumulative(counts),
+        first_seen=entry.first_seen,
+        last_seen=entry.last_seen,
+        application_names=tuple(sorted(entry.applications)),
+        wait_ms_total=entry.wait * 1000.0,
+        last_sqlstate=entry.last_sqlstate,
+    )
+
+
+def _p95(entry: _Entry) -> float:
+    return _quantile(0.95, entry.counts, entry.calls, entry.min, entry.max)
+
+
+_ORDERS: dict[str, Callable[[_Entry], float]] = {
+    "total_time": lambda e: e.total,
+    "calls": lambda e: e.calls,
+    "mean": lambda e: e.total / e.calls,
+    "p95": _p95,
+    "errors": lambda e: e.errors,
+    "rows": lambda e: e.rows,
+}
+TOP_ORDERS: tuple[str, ...] = tuple(_ORDERS)
+
+
+class QueryStats:
+    """Per-fingerprint and aggregated query statistics. One per proxy; not thread-safe."""
+
+    __slots__ = ("max_fingerprints", "slow_threshold_ms", "_entries", "_queries", "_durations",
+                 "_slow_ring", "_slow_counts", "_evicted", "_reset_at", "_clock")
+
+    def __init__(self, max_fingerprints: int = 5000, slow_threshold_ms: float = 500.0,
+                 slow_ring: int = 200, *, clock: Callable[[], float] = time.time) -> None:
+        if max_fingerprints < 1:
+            raise ValueError(f"max_fingerprints must be at least 1, got {max_fingerprints}")
+        if slow_ring < 0:
+            raise ValueError(f"slow_ring must not be negative, got {slow_ring}")
+        self.max_fingerprints = max_fingerprints
+        self.slow_threshold_ms = float(slow_threshold_ms)
+        self._entries: dict[str, _Entry] = {}
+        self._queries: dict[tuple[str, str, str, str], int] = {}
+        self._durations: dict[tuple[str, str, str], _Histogram] = {}
+        self._slow_ring: deque[SlowQuery] = deque(maxlen=slow_ring)
+        self._slow_counts: dict[tuple[str, str], int] = {}
+        self._evicted = 0
+        self._reset_at: float | None = None
+        self._clock = clock
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def query_finished(self, fp: Fingerprint, *, database: str, user: str, application_name: str,
+                       client: str, duration: float, wait: float, rows: int, sqlstate: str | None,
+                       now: float | None = None) -> SlowQuery | None:
+        """Record one finished statement (seconds). Returns a SlowQuery for the caller to log."""
+        if now is None:
+            now = self._clock()
+        entry = self._entries.get(fp.id)
+        if entry is None:
+            if len(self._entries) >= self.max_fingerprints:
+                self._evict()
+            entry = self._entries[fp.id] = _Entry(fp, now)
+        index = bisect_left(LATENCY_BUCKETS, duration)
+
+        entry.calls += 1
+        entry.rows += rows
+        entry.total += duration
+        if duration < entry.min:
+            entry.min = duration
+        if duration > entry.max:
+            entry.max = duration
+        entry.counts[index] += 1
+        entry.last_seen = now
+        entry.wait += wait
+        applications = entry.applications
+        if application_name not in applications:
+            if len(applications) < MAX_APPLICATION_NAMES:
+                applications.add(application_name)
+            else:
+                applications.add(OTHER_APPLICATIONS)
+        if sqlstate is None:
+            status = "ok"
+        else:
+            status = "error"
+            entry.errors += 1
+            entry.last_sqlstate = sqlstate
+
+        kind = fp.kind
+        key = (database, user, kind, status)
+        queries = self._queries
+        queries[key] = queries.get(key, 0) + 1
+        hkey = (database, user, kind)
+        histogram = self._durations.get(hkey)
+        if histogram is None:
+            histogram = self._durations[hkey] = _Histogram()
+        histogram.counts[index] += 1
+        histogram.sum += duration
+
+        if duration * 1000.0 <= self.slow_threshold_ms:
+            return None
+        slow = SlowQuery(
+            fingerprint=fp.id, normalized=fp.normalized, kind=kind,
+            duration_ms=duration * 1000.0, wait_ms=wait * 1000.0, rows=rows, database=database,
+            user=user, application_name=application_name, client=client, sqlstate=sqlstate, at=now,
+        )
+        self._slow_ring.append(slow)
+        skey = (database, user)
+        self._slow_counts[skey] = self._slow_counts.get(skey, 0) + 1
+        return slow
+
+    def reset(self) -> None:
+        """Forget fingerprints and slow queries; Prometheus-facing counters keep counting."""
+        self._entries.clear()
+        self._slow_ring.clear()
+        self._reset_at = self._clock()
+
+    def _evict(self) -> None:
+        entries = self._entries
+        count = max(1, int(len(entries) * EVICT_FRACTION))
+        victims = heapq.nsmallest(count, entries.values(), key=lambda e: (e.total, e.last_seen))
+        for entry in victims:
+            del entries[entry.fingerprint.id]
+        self._evicted += len(victims)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def evicted(self) -> int:
+        return self._evicted
+
+    def snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot(
+            queries=dict(self._queries),
+            durations={
+                key: HistogramSnapshot(_cumulative(h.counts), h.sum, sum(h.counts))
+                for key, h in self._durations.items()
+            },
+            slow=dict(self._slow_counts),
+            evicted=self._evicted,
+            fingerprints=len(self._entries),
+            bounds=LATENCY_BUCKETS,
+            reset_at=self._reset_at,
+        )
+
+    def top(self, by: str = "total_time", limit: int = 20) -> list[FingerprintSnapshot]:
+        """The ``limit`` fingerprints with the highest ``by`` (one of ``TOP_ORDERS``)."""
+        order = _ORDERS.get(by)
+        if order is None:
+            raise ValueError(f"by must be one of {', '.join(TOP_ORDERS)}, got {by!r}")
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        best = heapq.nlargest(limit, self._entries.values(), key=order)
+        return [_snapshot(entry) for entry in best]
+
+    def get(self, fingerprint_id: str) -> FingerprintSnapshot | None:
+        entry = self._entries.get(fingerprint_id)
+        return None if entry is None else _snapshot(entry)
+
+    def slow(self, limit: int = 50) -> list[SlowQuery]:
+        """Recent slow queries, most recent first."""
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        return list(islice(reversed(self._slow_ring), limit))
+
+
+def pretty_sql(text: str, max_chars: int = 2048) -> str:
+    """Reindented, upper-case-keyword SQL for humans (API, reports). Never on the hot path.
+
+    sqlparse costs ~30 µs per character (a 3 kB statement ~80 ms), so texts longer than
+    ``max_chars`` come back unchanged; callers formatting many (the slow-query list) should still
+    do it off the event loop or cache the result per fingerprint.
+    """
+    if len(text) > max_chars:
+        return text
+    import sqlparse  # only the agent's report paths need it
+
+    try:
+        return str(sqlparse.format(text, reindent=True, keyword_case="upper")).strip()
+    except Exception:  # sqlparse gives up on some inputs (e.g. its nesting limits): show as is
+        return text
+
+
+def _measure() -> None:  # pragma: no cover - `python -m proxy.stats` prints per-call costs
+    import timeit
+
+    from .fingerprint import Fingerprinter
+
+    fp = Fingerprinter()("SELECT abalance FROM pgbench_accounts WHERE aid = 42")
+    stats = QueryStats()
+    call = lambda: stats.query_finished(  # noqa: E731
+        fp, database="app", user="app", application_name="pgbench", client="127.0.0.1:5000",
+        duration=0.0004, wait=0.00001, rows=1, sqlstate=None)
+    n = 200_000
+    best = min(timeit.repeat(call, number=n, repeat=5)) / n
+    print(f"query_finished (known fingerprint) {best * 1e6:.2f} µs")
+    with_now = lambda: stats.query_finished(  # noqa: E731
+        fp, database="app", user="app", application_name="pgbench", client="127.0.0.1:5000",
+        duration=0.0004, wait=0.00001, rows=1, sqlstate=None, now=1.0)
+    best = min(timeit.repeat(with_now, number=n, repeat=5)) / n
+    print(f"query_finished (known fingerprint, now given) {best * 1e6:.2f} µs")
+    fps = [Fingerprint(id=f"{i:016x}", normalized="select $1", kind="select") for i in range(100_000)]
+    stats = QueryStats()
+    it = iter(fps)
+    n = 100_000
+    t = timeit.timeit(lambda: stats.query_finished(
+        next(it), database="app", user="app", application_name="x", client="c",
+        duration=0.001, wait=0.0, rows=1, sqlstate=None), number=n) / n
+    print(f"query_finished (new fingerprint, evictions amortised) {t * 1e6:.2f} µs; "
+          f"tracked {len(stats)}, evicted {stats.evicted}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _measure()
