@@ -58,3 +58,4 @@ def setup_logging(settings: LoggingSettings) -> None:
     root.setLevel(settings.level.upper())
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)

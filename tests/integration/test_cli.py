@@ -1,0 +1,126 @@
+"""The pgsidecar command as a newcomer and an operator use it: a real subprocess."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("PGSIDECAR_")}
+    env.update(extra)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+class Sidecar:
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.http = _free_port()
+        cmd = [sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{self.port}",
+               "--http", f"127.0.0.1:{self.http}", *args]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.banner = ""
+        deadline = time.monotonic() + 60
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.banner += line
+            if "/healthz" in line:
+                return
+        self.stop()
+        raise AssertionError(f"pgsidecar did not start: {self.banner}{self.proc.stderr.read() if self.proc.stderr else ''}")
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@pytest.fixture
+def sidecars() -> Iterator[list[Sidecar]]:
+    started: list[Sidecar] = []
+    yield started
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+def test_run_with_database_url_proxies_and_answers_healthz(pg_server: Any, sidecars: list[Sidecar]) -> None:
+    sidecar = Sidecar([], _env(DATABASE_URL=pg_server.dsn, PGSIDECAR_POOL__SIZE="2"))
+    sidecars.append(sidecar)
+    assert f"127.0.0.1:{sidecar.port}" in sidecar.banner
+    with psycopg.connect(host="127.0.0.1", port=sidecar.port, user=pg_server.user, dbname=pg_server.database,
+                         **({"password": pg_server.password} if pg_server.password else {})) as conn:
+        assert conn.execute("select current_database()").fetchone() == (pg_server.database,)
+    with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.http}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    err = sidecar.stop()
+    assert sidecar.proc.returncode == 0, err
+    assert "secret" not in err
+
+
+def test_run_without_upstream_starts_embedded_postgres(tmp_path: Path, sidecars: list[Sidecar]) -> None:
+    data_dir = tmp_path / "pgdata"
+    tmp_path.chmod(0o755)
+    sidecar = Sidecar([], _env(PGSIDECAR_EMBEDDED__DATA_DIR=str(data_dir)))
+    sidecars.append(sidecar)
+    dsn_line = next(line for line in sidecar.banner.splitlines() if "connect with" in line)
+    dsn = dsn_line.split("connect with ", 1)[1].strip()
+    with psycopg.connect(dsn) as conn:
+        version = conn.execute("show server_version").fetchone()
+        assert version is not None and version[0].split(".")[0].isdigit()
+    assert (data_dir / "PG_VERSION").exists()
+    sidecar.stop()
+    assert sidecar.proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"PGSIDECAR_POOL__SIZE": "abc"}, "pool.size: 'abc'"),
+        ({"PGSIDECAR_POOL__MODE": "statement"}, "pool.mode: 'statement'"),
+        ({"PGSIDECAR_POOL__SIZEE": "3"}, "pool.sizee"),
+    ],
+)
+def test_bad_settings_stop_startup_with_one_line_naming_the_key(env: dict[str, str], needle: str) -> None:
+    for command in ("check-config", "run"):
+        proc = subprocess.run([sys.executable, "-m", "agent", command], env=_env(**env), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_check_config_redacts_secrets() -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent", "check-config", "--upstream",
+                           "postgresql://app:hunter2@db.internal:5432/app"],
+                          env=_env(PGSIDECAR_AGENT__ADMIN_TOKEN="tok3n"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "hunter2" not in proc.stdout and "tok3n" not in proc.stdout
+    assert "db.internal" in proc.stdout
