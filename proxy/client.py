@@ -181,6 +181,8 @@ class ClientSession(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._acquiring: asyncio.Task[None] | None = None
+        self._queued: asyncio.TimerHandle | None = None  # waiting in the pool's queue
+        self._queued_at = 0.0
         self._server_paused = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -224,6 +226,11 @@ class ClientSession(asyncio.Protocol):
             self._task.cancel()
         if self._acquiring is not None and not self._acquiring.done():
             self._acquiring.cancel()
+        if self._queued is not None:
+            self._queued.cancel()
+            self._queued = None
+            if self.pool is not None:
+                self.pool.dequeue(self)
         server = self.server
         self.server = None
         if server is not None:
@@ -430,14 +437,55 @@ class ClientSession(asyncio.Protocol):
             return
         if len(buf) < length + 1:
             return
-        if self._acquiring is None:
-            server = self.pool.try_acquire()  # type: ignore[union-attr]
+        if self._acquiring is None and self._queued is None:
+            pool = self.pool
+            assert pool is not None
+            server = pool.try_acquire()
             if server is not None:
                 self._attached(server)
                 return
             if len(buf) > _PAUSE_BUFFER and self.transport is not None:
                 self.transport.pause_reading()
+            if pool.full():
+                # Wait in the pool's queue: release() hands a server over synchronously.
+                self._queued_at = time.monotonic()
+                self._queued = asyncio.get_running_loop().call_later(
+                    pool.settings.checkout_timeout, self._queue_timeout
+                )
+                pool.enqueue(self)
+                return
             self._acquiring = asyncio.get_running_loop().create_task(self._attach())
+
+    def grant(self, server: ServerConnection) -> bool:
+        """Called by Pool.release for a queued client: take this server (False: no longer wanted)."""
+        if self._queued is None or self.closed:
+            return False
+        self._queued.cancel()
+        self._queued = None
+        self.pool.checkout_waited(time.monotonic() - self._queued_at)  # type: ignore[union-attr]
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._attached(server)
+        return True
+
+    def retry(self) -> bool:
+        """Called by the pool when capacity freed up: open a connection on the async path."""
+        if self._queued is None or self.closed:
+            return False
+        self._queued.cancel()
+        self._queued = None
+        self._acquiring = asyncio.get_running_loop().create_task(self._attach())
+        return True
+
+    def _queue_timeout(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        self._queued = None
+        pool.dequeue(self)
+        pool.checkout_timeouts += 1
+        waited_ms = (time.monotonic() - self._queued_at) * 1000
+        s = pool.settings
+        self._reject_pending_input(ProxyError.checkout_timeout(pool.name, waited_ms, s.size, s.max_overflow))
 
     async def _attach(self) -> None:
         pool = self.pool

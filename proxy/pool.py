@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import protocol as pq
 from .errors import ProxyError
@@ -68,6 +68,9 @@ class Pool:
         self.active: set[ServerConnection] = set()
         self.pinned = 0
         self._waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
+        # Clients queued without a task (the common case under load): handed a server
+        # synchronously by ``release``. See ClientSession.grant.
+        self._queue: deque[Any] = deque()
         self._closed = False
         self._login_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self._interned: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
@@ -89,7 +92,23 @@ class Pool:
     async def acquire(self) -> ServerConnection:
         start = time.monotonic()
         server = await self._acquire(start)
-        waited = time.monotonic() - start
+        self.checkout_waited(time.monotonic() - start)
+        self.active.add(server)
+        return server
+
+    def full(self) -> bool:
+        return self.total >= self.settings.size + self.settings.max_overflow
+
+    def enqueue(self, session: Any) -> None:
+        self._queue.append(session)
+
+    def dequeue(self, session: Any) -> None:
+        try:
+            self._queue.remove(session)
+        except ValueError:
+            pass
+
+    def checkout_waited(self, waited: float) -> None:
         self.checkouts += 1
         self.wait_sum += waited
         for i, bound in enumerate(CHECKOUT_BUCKETS):
@@ -98,8 +117,6 @@ class Pool:
                 break
         else:
             self.wait_buckets[-1] += 1
-        self.active.add(server)
-        return server
 
     def try_acquire(self) -> ServerConnection | None:
         """Synchronous fast path: a recently used idle connection, or None (then ``acquire``)."""
@@ -233,6 +250,12 @@ class Pool:
                 self.active.add(server)
                 fut.set_result(server)
                 return
+        while self._queue:
+            session = self._queue.popleft()
+            self.active.add(server)
+            if session.grant(server):
+                return
+            self.active.discard(server)
         server.last_used = now
         self.idle.append(server)
 
@@ -255,10 +278,14 @@ class Pool:
         self._wake_one()
 
     def _wake_one(self) -> None:
+        """Capacity freed up: let one waiter open a connection."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+                return
+        while self._queue:
+            if self._queue.popleft().retry():
                 return
 
     def pin(self, reason: str) -> None:
@@ -354,6 +381,7 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
+        self._queue.clear()
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -383,7 +411,7 @@ class Pool:
             overflow=max(0, open_servers - self.settings.size),
             pinned=self.pinned,
             connecting=self.connecting,
-            waiting=sum(1 for f in self._waiters if not f.done()),
+            waiting=sum(1 for f in self._waiters if not f.done()) + len(self._queue),
             checkouts=self.checkouts,
             checkout_timeouts=self.checkout_timeouts,
             checkout_wait_buckets=tuple(cumulative),
