@@ -446,7 +446,7 @@ class ClientSession(asyncio.Protocol):
                 return
             if len(buf) > _PAUSE_BUFFER and self.transport is not None:
                 self.transport.pause_reading()
-            if pool.full():
+            if pool.full() and not pool.idle:
                 # Wait in the pool's queue: release() hands a server over synchronously.
                 self._queued_at = time.monotonic()
                 self._queued = asyncio.get_running_loop().call_later(

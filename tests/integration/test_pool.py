@@ -581,3 +581,24 @@ def test_cancel_request_with_a_wrong_key_does_nothing(proxy_factory, direct) -> 
     assert isinstance(job.error, psycopg.errors.QueryCanceled), job.error
     assert _one(c, "select 1") == 1
     c.close()
+
+
+def test_full_pool_of_idle_connections_due_for_a_check_still_serves(proxy_factory) -> None:
+    """Every server connection idle past server_check_delay and no room to open another:
+    the checkout must check one and use it, not queue the client behind nobody."""
+    proxy = proxy_factory(pool__size=2, pool__max_overflow=0, pool__checkout_timeout=2,
+                          pool__server_check_delay=0.2)
+    conns = [psycopg.connect(**proxy.kwargs(), autocommit=True) for _ in range(2)]
+    try:
+        with conns[0].transaction():
+            conns[0].execute("select 1")
+            conns[1].execute("select 1")  # needs the second server connection
+        time.sleep(0.5)  # both idle longer than server_check_delay; the pool is full
+        for conn in conns:
+            assert conn.execute("select 42").fetchone() == (42,)
+        pool = proxy.snapshot().pools[0]
+        assert pool.checkout_timeouts == 0
+        assert pool.servers_opened == 2
+    finally:
+        for conn in conns:
+            conn.close()
