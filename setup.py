@@ -31,9 +31,10 @@ setup(
             "pytest-timeout>=2.3",
             "psycopg[binary]>=3.1",
             "psycopg2-binary>=2.9",
-            "sqlalchemy>=2.0",
+            "sqlalchemy[asyncio]>=2.0",  # the asyncio extra brings greenlet (sqlalchemy.ext.asyncio)
             "hypothesis>=6",
             "mypy>=1.8",
+            "types-PyYAML",
         ],
     },
     entry_points={"console_scripts": ["pgsidecar=agent.cli:main"]},

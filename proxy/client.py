@@ -62,6 +62,7 @@ _X = ord("X")
 _F = ord("F")
 _COPY = frozenset((ord("d"), ord("c"), ord("f")))
 _IDLE = ord("I")
+_KNOWN = frozenset(b"QPBDESCHXFdcf")
 _PAUSE_BUFFER = 256 * 1024
 
 # Startup parameters that are not session settings.
@@ -514,11 +515,32 @@ class ClientSession(asyncio.Protocol):
             self.pool.apply(server, self.desired)  # type: ignore[union-attr]
         self._pump()
 
-    def _reject_pending_input(self, err: ProxyError) -> None:
+    def cancel_waiting(self) -> bool:
+        """A CancelRequest for a statement still waiting for a server connection.
+
+        The wait ends, the statement (up to its Sync) is answered with 57014 without ever
+        running, and whatever the client sent after it waits for a server again.
+        """
+        if self._queued is not None:
+            self._queued.cancel()
+            self._queued = None
+            self.pool.dequeue(self)  # type: ignore[union-attr]
+        elif self._acquiring is not None and not self._acquiring.done():
+            self._acquiring.cancel()
+            self._acquiring = None
+        else:
+            return False
+        self._reject_pending_input(ProxyError.query_canceled(), one=True)
+        if self.buf and not self.closed:
+            self._idle_input()
+        return True
+
+    def _reject_pending_input(self, err: ProxyError, *, one: bool = False) -> None:
         """No server: answer the buffered messages with the error, keep the session usable.
 
         Like PostgreSQL after an error in extended protocol, everything up to and including
-        the next Sync (or the Query) is consumed, then ReadyForQuery follows.
+        the next Sync (or the Query) is consumed, then ReadyForQuery follows. With ``one``,
+        only the first such statement is answered.
         """
         buf = self.buf
         pos = 0
@@ -539,6 +561,8 @@ class ClientSession(asyncio.Protocol):
                     self.write(pq.error_response(err))
                 replied = False
                 self.write(pq.ready_for_query(b"I"))
+                if one:
+                    break
             elif kind in (_P, _B, _D, _E, _C) and not replied:
                 self.write(pq.error_response(err))
                 replied = True
@@ -566,6 +590,9 @@ class ClientSession(asyncio.Protocol):
         out: list[bytes] = []
         pending = server.pending
         unpack = _LEN.unpack_from
+        # After an error in extended protocol the server ignores everything up to the Sync the
+        # client has not sent yet: so do we (no request expected, no statement prepared).
+        dropping = server.skipping and server.discarding()
         while n - pos >= 5:
             length = unpack(buf, pos + 1)[0]
             if length < 4 or length > self.max_message:
@@ -575,21 +602,31 @@ class ClientSession(asyncio.Protocol):
             if end > n:
                 break
             t = buf[pos]
+            if dropping and t != _S and t != _X:
+                if t not in _KNOWN:
+                    self.fail(ProxyError.protocol_violation(f"invalid frontend message type {t}"))
+                    return
+                pos = end
+                continue
             if t == _Q:
                 pending.append(Request(K_QUERY, FORWARD))
                 self._inspect(bytes(buf[pos + 5 : end - 1]), server)
             elif t == _B:
                 p1 = buf.index(0, pos + 5, end)
                 p2 = buf.index(0, p1 + 1, end)
+                target = None
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
                         body = bytes(buf[pos + 5 : p1 + 1]) + target + bytes(buf[p2 + 1 : end])
                         out.append(pq.message(pq.BIND, body))
                         run = end
-                pending.append(Request(K_BIND, FORWARD))
+                        target = target[:-1]
+                pending.append(Request(K_BIND, FORWARD, target))
             elif t == _E or t == _S:
                 pending.append(Request(K_EXECUTE if t == _E else K_SYNC, FORWARD))
+                if t == _S:
+                    dropping = False
             elif t == _P:
                 nul = buf.index(0, pos + 5, end)
                 qend = buf.index(0, nul + 1, end)
@@ -597,16 +634,14 @@ class ClientSession(asyncio.Protocol):
                 if nul > pos + 5:
                     name = bytes(buf[pos + 5 : nul])
                     rest = bytes(buf[nul + 1 : end])
-                    snames = self.pool.statement_names  # type: ignore[union-attr]
-                    sname = snames.get(rest)
+                    sname = self.pool.statement_names.get(rest)  # type: ignore[union-attr]
                     if sname is None:
-                        sname = b"pgsc_%d" % (len(snames) + 1)
-                        snames[rest] = sname
+                        sname = self.pool.new_statement_name(rest)  # type: ignore[union-attr]
                     self.statements[name] = (sname, rest)
                     if run < pos:
                         out.append(bytes(buf[run:pos]))
                     run = end
-                    if sname in server.prepared and not server.skipping:
+                    if sname in server.prepared:
                         self._synthetic(server, pq.PARSE_COMPLETE_MSG, out)
                     else:
                         server.prepared.add(sname)
@@ -674,7 +709,7 @@ class ClientSession(asyncio.Protocol):
         sname, rest = entry
         if run < pos:
             out.append(bytes(buf[run:pos]))
-        if sname not in server.prepared and not server.skipping:
+        if sname not in server.prepared:
             server.prepared.add(sname)
             out.append(pq.parse_message(sname, rest))
             server.pending.append(Request(K_PARSE, SKIP, sname))
@@ -708,6 +743,9 @@ class ClientSession(asyncio.Protocol):
 
     def server_error(self, fields: dict[str, str]) -> None:
         pass
+
+    def statement_stale(self, name: bytes) -> None:
+        self.pool.forget_statement(name)  # type: ignore[union-attr]
 
     def server_param(self, name: str, value: str) -> None:
         if name not in READ_ONLY_PARAMS and self.desired.get(name) != value:

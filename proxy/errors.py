@@ -153,6 +153,14 @@ class ProxyError(Exception):
         )
 
     @classmethod
+    def query_canceled(cls) -> ProxyError:
+        return cls(
+            SqlState.QUERY_CANCELED,
+            "canceling statement due to user request",
+            detail="the statement was still waiting for a server connection and never ran",
+        )
+
+    @classmethod
     def shutting_down(cls) -> ProxyError:
         return cls(SqlState.ADMIN_SHUTDOWN, "terminating connection: pgsidecar is shutting down", fatal=True)
 

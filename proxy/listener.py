@@ -192,10 +192,21 @@ class ProxyServer:
         if session is None or session.secret != secret:
             return
         server = session.server
-        if server is None or not server.pending:
+        if server is None:
+            # Still waiting for a server connection: the statement never started, so it is
+            # answered here (57014) and never sent, as PostgreSQL would have cancelled it.
+            session.cancel_waiting()
             return
+        if not server.pending:
+            return
+        # Checked again once the connection to PostgreSQL is open. What is left is the time the
+        # request takes on that socket: the statement may finish meanwhile and the connection
+        # start another client's (as with PgBouncer; with PostgreSQL, the same client's next).
+        def still_wanted() -> bool:
+            return session.server is server and bool(server.pending)
+
         try:
-            await server.endpoint.cancel(server.pid, server.secret)
+            await server.endpoint.cancel(server.pid, server.secret, still_wanted)
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("cancel_failed", extra={"pool": server.endpoint.label, "error": str(exc)})
 

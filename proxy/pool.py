@@ -86,7 +86,9 @@ class Pool:
         self.pinned_total = 0
         self.pin_reasons: dict[str, int] = {}
         # prepared statements: Parse body (after the name) -> server-side statement name
+        # Parse body (text + parameter types) -> the pool-wide server-side statement name.
         self.statement_names: dict[bytes, bytes] = {}
+        self._statement_seq = 0
 
     # ------------------------------------------------------------------ checkout
     async def acquire(self) -> ServerConnection:
@@ -95,6 +97,19 @@ class Pool:
         self.checkout_waited(time.monotonic() - start)
         self.active.add(server)
         return server
+
+    def new_statement_name(self, body: bytes) -> bytes:
+        self._statement_seq += 1
+        name = self.statement_names[body] = b"pgsc_%d" % self._statement_seq
+        return name
+
+    def forget_statement(self, name: bytes) -> None:
+        """A server statement that can no longer run (its result type changed): the next
+        Parse of its text gets a new name, so it is prepared again everywhere."""
+        for body, sname in self.statement_names.items():
+            if sname == name:
+                del self.statement_names[body]
+                return
 
     def full(self) -> bool:
         return self.total >= self.settings.size + self.settings.max_overflow

@@ -101,6 +101,7 @@ class Attached(Protocol):
     def server_ready(self, status: int) -> None: ...
     def server_param(self, name: str, value: str) -> None: ...
     def server_lost(self) -> None: ...
+    def statement_stale(self, name: bytes) -> None: ...
     def pause_input(self) -> None: ...
     def resume_input(self) -> None: ...
 
@@ -132,14 +133,21 @@ class Endpoint:
             return await loop.create_unix_connection(factory, path)  # type: ignore[return-value]
         return await loop.create_connection(factory, self.host, self.port)  # type: ignore[return-value]
 
-    async def cancel(self, pid: int, secret: int) -> None:
-        """Send a CancelRequest for backend ``pid`` on a fresh connection."""
+    async def cancel(self, pid: int, secret: int, still_wanted: Callable[[], bool] | None = None) -> None:
+        """Send a CancelRequest for backend ``pid`` on a fresh connection.
+
+        ``still_wanted`` is asked again once the connection is open, right before the request
+        is written, so a cancel is not sent to a backend that has meanwhile moved on.
+        """
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         class _Cancel(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                transport.write(pq.cancel_request(pid, secret))  # type: ignore[attr-defined]
+                if still_wanted is None or still_wanted():
+                    transport.write(pq.cancel_request(pid, secret))  # type: ignore[attr-defined]
+                else:
+                    transport.close()
 
             def connection_lost(self, exc: Exception | None) -> None:
                 if not done.done():
@@ -404,6 +412,10 @@ class ServerConnection(asyncio.Protocol):
                         forward = True  # injected for the client: it must see why it failed
                     if forward and head.action == FORWARD:
                         client.server_error(fields)  # type: ignore[union-attr]
+                        if head.kind == K_BIND and head.data is not None and fields.get("C") == "0A000":
+                            # "cached plan must not change result type": the statement is
+                            # useless now; the client's re-Parse must really prepare again.
+                            client.statement_stale(head.data)  # type: ignore[union-attr]
                     if head.kind in _EXTENDED:
                         # The server now skips everything up to the next Sync: so do we.
                         if forward:
@@ -475,6 +487,13 @@ class ServerConnection(asyncio.Protocol):
             if req.fut is not None and not req.fut.done():
                 req.fut.set_result(head.error)
         self.skipping = True
+
+    def discarding(self) -> bool:
+        """The server ignores extended-protocol messages now: an error happened and the
+        client has not sent the Sync that ends it yet."""
+        if not self.skipping:
+            return False
+        return not any(req.kind == K_SYNC for req in self.pending)
 
     def add_synthetic(self, data: bytes) -> bytes | None:
         """Queue a synthetic response; return it when it is due right now (nothing pending)."""

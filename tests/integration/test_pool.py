@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from tests.helpers.servers import TEST_DATABASE
+from tests.helpers.activity import running
 from tests.helpers.wire import RawClient, cancel_request, query, wait_until
 
 
@@ -45,13 +46,6 @@ def _activity(d: psycopg.Connection[Any], pid: int) -> tuple[str, str] | None:
     return d.execute("select state, query from pg_stat_activity where pid = %s", (pid,)).fetchone()
 
 
-def _running(d: psycopg.Connection[Any], marker: str) -> list[int]:
-    """Backends (not ``d`` itself) actively running a query whose text contains ``marker``."""
-    rows = d.execute(
-        "select pid from pg_stat_activity where state = 'active' and query like %s and pid <> pg_backend_pid()",
-        (f"%{marker}%",),
-    ).fetchall()
-    return [r[0] for r in rows]
 
 
 def _locks_on(d: psycopg.Connection[Any], table: str) -> list[tuple[int, str, bool]]:
@@ -251,11 +245,11 @@ def test_client_killed_during_a_long_query_cancels_it(proxy_factory, direct) -> 
     raw.login("postgres", TEST_DATABASE)
     marker = f"killed_{uuid.uuid4().hex[:8]}"
     raw.send(query(f"select pg_sleep(30) /* {marker} */"))
-    (backend,) = wait_until(lambda: _running(d, marker), timeout=5, message="pg_sleep to start")
+    (backend,) = wait_until(lambda: running(d, marker), timeout=5, message="pg_sleep to start")
 
     raw.kill()
 
-    wait_until(lambda: not _running(d, marker), timeout=5, message="the abandoned pg_sleep to stop")
+    wait_until(lambda: not running(d, marker), timeout=5, message="the abandoned pg_sleep to stop")
     state = _activity(d, backend)
     assert state is None or state[0] == "idle", state
     # The pool recovered: the next client is served at once.
@@ -540,14 +534,14 @@ def test_cancel_stops_the_query_and_keeps_the_session(proxy_factory, direct) -> 
     c = _connect(proxy)
     marker = f"cancel_{uuid.uuid4().hex[:8]}"
     job = _Background(lambda: c.execute(f"select pg_sleep(30) /* {marker} */"))
-    wait_until(lambda: _running(d, marker), timeout=5, message="pg_sleep to start")
+    wait_until(lambda: running(d, marker), timeout=5, message="pg_sleep to start")
 
     c.cancel_safe(timeout=5)
 
     job.join()
     assert isinstance(job.error, psycopg.errors.QueryCanceled), job.error
     assert job.error.sqlstate == "57014"
-    assert not _running(d, marker)
+    assert not running(d, marker)
     assert _one(c, "select 'still here'") == "still here"
     c.close()
 
@@ -560,7 +554,7 @@ def test_cancel_request_with_a_wrong_key_does_nothing(proxy_factory, direct) -> 
     secret = proxy.run(lambda: proxy.server.sessions[pid].secret)
     marker = f"nocancel_{uuid.uuid4().hex[:8]}"
     job = _Background(lambda: c.execute(f"select pg_sleep(30) /* {marker} */"))
-    (backend,) = wait_until(lambda: _running(d, marker), timeout=5, message="pg_sleep to start")
+    (backend,) = wait_until(lambda: running(d, marker), timeout=5, message="pg_sleep to start")
     assert backend != pid
 
     for bad_pid, bad_secret in ((pid, secret ^ 1), (pid + 7, secret), (backend, secret)):
@@ -570,7 +564,7 @@ def test_cancel_request_with_a_wrong_key_does_nothing(proxy_factory, direct) -> 
     # Nothing may happen to the query: watch it for a while.
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
-        assert _running(d, marker) == [backend]
+        assert running(d, marker) == [backend]
         time.sleep(0.05)
     assert job.error is None
 
