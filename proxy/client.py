@@ -29,14 +29,16 @@ from .auth import AuthFailed
 from .errors import ProxyError
 from .server import (
     FORWARD,
+    FORWARD_BIND,
+    FORWARD_CLOSE,
+    FORWARD_DESCRIBE,
+    FORWARD_EXECUTE,
+    FORWARD_FUNC,
+    FORWARD_PARSE,
+    FORWARD_QUERY,
+    FORWARD_SYNC,
     K_BIND,
-    K_CLOSE,
-    K_DESCRIBE,
-    K_EXECUTE,
-    K_FUNC,
     K_PARSE,
-    K_QUERY,
-    K_SYNC,
     READ_ONLY_PARAMS,
     SKIP,
     Request,
@@ -197,6 +199,23 @@ class ClientSession(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
+        if self.relay and not self.buf and self._acquiring is None and self._queued is None:
+            # Fast path: nothing buffered, and the first message is complete (a server is
+            # never held for a message still arriving): relay straight from ``data``.
+            n = len(data)
+            if n >= 5 and data[0] != _X and 1 + _LEN.unpack_from(data, 1)[0] <= n:
+                server = self.server
+                if server is None:
+                    server = self.pool.try_acquire()  # type: ignore[union-attr]
+                    if server is not None:
+                        self._bind(server)
+                if server is not None:
+                    try:
+                        self._forward(data)
+                    except (ValueError, IndexError):  # a missing NUL terminator inside a message
+                        self.buf.clear()
+                        self.fail(ProxyError.protocol_violation("invalid message format"))
+                    return
         self.buf += data
         if self.relay:
             self._pump()
@@ -509,11 +528,14 @@ class ClientSession(asyncio.Protocol):
         self._attached(server)
 
     def _attached(self, server: ServerConnection) -> None:
+        self._bind(server)
+        self._pump()
+
+    def _bind(self, server: ServerConnection) -> None:
         server.client = self
         self.server = server
         if server.applied is not self.desired:
             self.pool.apply(server, self.desired)  # type: ignore[union-attr]
-        self._pump()
 
     def cancel_waiting(self) -> bool:
         """A CancelRequest for a statement still waiting for a server connection.
@@ -580,10 +602,12 @@ class ClientSession(asyncio.Protocol):
         self.buf.clear()
         self.close()
 
-    def _forward(self) -> None:  # noqa: C901 - the hot loop, kept in one piece on purpose
+    def _forward(self, data: bytes | None = None) -> None:  # noqa: C901 - the hot loop, in one piece on purpose
+        """Relay the complete messages in ``self.buf``, or in ``data`` when nothing was
+        buffered (what is left of ``data`` is then buffered)."""
         server = self.server
         assert server is not None
-        buf = self.buf
+        buf: bytes | bytearray = self.buf if data is None else data
         n = len(buf)
         pos = 0
         run = 0  # start of the run of client bytes forwarded untouched
@@ -609,7 +633,7 @@ class ClientSession(asyncio.Protocol):
                 pos = end
                 continue
             if t == _Q:
-                pending.append(Request(K_QUERY, FORWARD))
+                pending.append(FORWARD_QUERY)
                 self._inspect(bytes(buf[pos + 5 : end - 1]), server)
             elif t == _B:
                 p1 = buf.index(0, pos + 5, end)
@@ -622,9 +646,9 @@ class ClientSession(asyncio.Protocol):
                         out.append(pq.message(pq.BIND, body))
                         run = end
                         target = target[:-1]
-                pending.append(Request(K_BIND, FORWARD, target))
+                pending.append(FORWARD_BIND if target is None else Request(K_BIND, FORWARD, target))
             elif t == _E or t == _S:
-                pending.append(Request(K_EXECUTE if t == _E else K_SYNC, FORWARD))
+                pending.append(FORWARD_EXECUTE if t == _E else FORWARD_SYNC)
                 if t == _S:
                     dropping = False
             elif t == _P:
@@ -648,14 +672,14 @@ class ClientSession(asyncio.Protocol):
                         out.append(pq.parse_message(sname, rest))
                         pending.append(Request(K_PARSE, FORWARD, sname))
                 else:
-                    pending.append(Request(K_PARSE, FORWARD))
+                    pending.append(FORWARD_PARSE)
             elif t == _D:
                 if buf[pos + 5] == _S and end - pos > 7:
                     target = self._server_statement(bytes(buf[pos + 6 : end - 1]), server, out, buf, run, pos)
                     if target is not None:
                         out.append(pq.message(pq.DESCRIBE, b"S" + target))
                         run = end
-                pending.append(Request(K_DESCRIBE, FORWARD))
+                pending.append(FORWARD_DESCRIBE)
             elif t == _C:
                 if buf[pos + 5] == _S and end - pos > 7:
                     self.statements.pop(bytes(buf[pos + 6 : end - 1]), None)
@@ -664,15 +688,16 @@ class ClientSession(asyncio.Protocol):
                     run = end
                     self._synthetic(server, pq.CLOSE_COMPLETE_MSG, out)
                 else:
-                    pending.append(Request(K_CLOSE, FORWARD))
+                    pending.append(FORWARD_CLOSE)
             elif t == _H or t in _COPY:
                 pass
             elif t == _F:
-                pending.append(Request(K_FUNC, FORWARD))
+                pending.append(FORWARD_FUNC)
             elif t == _X:
                 if run < pos:
                     out.append(bytes(buf[run:pos]))
-                del buf[:end]
+                if data is None:
+                    del self.buf[:end]
                 if out:
                     server.send(b"".join(out))
                 self.close()
@@ -681,12 +706,17 @@ class ClientSession(asyncio.Protocol):
                 self.fail(ProxyError.protocol_violation(f"invalid frontend message type {t}"))
                 return
             pos = end
-        if pos:
+        if data is not None:
+            if pos < n:
+                self.buf += data[pos:]
+            if run < pos:
+                out.append(data if run == 0 and pos == n else data[run:pos])
+        elif pos:
             if run < pos:
                 out.append(bytes(buf[run:pos]) if run or pos < n else bytes(buf))
-            del buf[:pos]
-            if out:
-                server.send(out[0] if len(out) == 1 else b"".join(out))
+            del self.buf[:pos]
+        if out:
+            server.send(out[0] if len(out) == 1 else b"".join(out))
 
     def _synthetic(self, server: ServerConnection, data: bytes, out: list[bytes]) -> None:
         """A response the proxy makes itself, in its place among the server's responses."""
@@ -696,7 +726,7 @@ class ClientSession(asyncio.Protocol):
             self.write(due)
 
     def _server_statement(
-        self, name: bytes, server: ServerConnection, out: list[bytes], buf: bytearray, run: int, pos: int
+        self, name: bytes, server: ServerConnection, out: list[bytes], buf: bytes | bytearray, run: int, pos: int
     ) -> bytes | None:
         """Server-side name for a client's named statement, preparing it there if needed.
 
@@ -712,6 +742,7 @@ class ClientSession(asyncio.Protocol):
         if sname not in server.prepared:
             server.prepared.add(sname)
             out.append(pq.parse_message(sname, rest))
+            server.plain = False
             server.pending.append(Request(K_PARSE, SKIP, sname))
         return sname + b"\x00"
 

@@ -373,6 +373,7 @@ class Pool:
         sql = ";".join(statements)
         if wait:
             return server.run_internal(sql)
+        server.plain = False
         server.pending.append(Request(K_QUERY, SKIP))
         server.send(pq.query(sql))
         return None

@@ -93,6 +93,18 @@ class Request:
         self.error: dict[str, str] | None = None
 
 
+# Shared requests for the client's own messages that need no per-request state (the common
+# case): no allocation per message on the hot path. Never mutated.
+FORWARD_QUERY = Request(K_QUERY, FORWARD)
+FORWARD_SYNC = Request(K_SYNC, FORWARD)
+FORWARD_FUNC = Request(K_FUNC, FORWARD)
+FORWARD_PARSE = Request(K_PARSE, FORWARD)
+FORWARD_BIND = Request(K_BIND, FORWARD)
+FORWARD_DESCRIBE = Request(K_DESCRIBE, FORWARD)
+FORWARD_EXECUTE = Request(K_EXECUTE, FORWARD)
+FORWARD_CLOSE = Request(K_CLOSE, FORWARD)
+
+
 class Attached(Protocol):
     """What a ServerConnection needs from the client it serves (a ClientSession)."""
 
@@ -187,6 +199,7 @@ class ServerConnection(asyncio.Protocol):
         "_paused",
         "forgotten",
         "_authenticated",
+        "plain",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -213,17 +226,58 @@ class ServerConnection(asyncio.Protocol):
         self._paused = False
         self.forgotten = False  # the pool no longer counts it
         self._authenticated = False
+        # Everything pending is the client's own (FORWARD): no injected, internal or synthetic
+        # request since the connection was last idle. Enables the fast path of data_received.
+        self.plain = True
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.plain and not self.buf and self._connected and self._complete(data):
+            return
         self.buf += data
         if self._connected:
             self._process()
         else:
             self._wake()
+
+    def _complete(self, data: bytes) -> bool:
+        """Fast path: ``data`` is the whole answer to everything pending, ending with the one
+        ReadyForQuery expected, with no error and no ParameterStatus in it. Then nothing in
+        it needs a decision: it goes to the client as it came. False: take the full path."""
+        client = self.client
+        pending = self.pending
+        n = len(data)
+        if client is None or n < 6 or data[n - 6] != _Z or not pending:
+            return False
+        last = pending[-1]
+        if last is not FORWARD_SYNC and last is not FORWARD_QUERY:
+            return False
+        unpack = _LEN.unpack_from
+        pos = 0
+        t = 0
+        zs = 0
+        while pos < n:
+            t = data[pos]
+            if t == _E or t == _S:
+                return False
+            if t == _Z:
+                zs += 1
+            pos += 1 + unpack(data, pos + 1)[0]
+        if pos != n or t != _Z or zs != 1:
+            return False
+        if pending.count(FORWARD_SYNC) + pending.count(FORWARD_QUERY) + pending.count(FORWARD_FUNC) != 1:
+            return False
+        pending.clear()
+        self.txn = data[n - 1]
+        self.skipping = False
+        self.last_used = time.monotonic()
+        client.write(data)
+        if self.client is client:
+            client.server_ready(self.txn)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -343,6 +397,7 @@ class ServerConnection(asyncio.Protocol):
     def run_internal(self, sql: str) -> asyncio.Future[dict[str, str] | None]:
         """Run a query whose results nobody sees; the future gets its error fields or None."""
         fut: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
+        self.plain = False
         self.pending.append(Request(K_QUERY, INTERNAL, None, fut))
         self.send(pq.query(sql))
         return fut
@@ -380,14 +435,15 @@ class ServerConnection(asyncio.Protocol):
         run = -1  # start of the current run of bytes to forward to the client
         ready = False
         unpack = _LEN.unpack_from
+        head = pending[0] if pending else None
+        forward = client is not None and (head is None or head.action == FORWARD)
         while n - pos >= 5:
             end = pos + 1 + unpack(buf, pos + 1)[0]
             if end > n:
                 break
             t = buf[pos]
-            head = pending[0] if pending else None
             done = False
-            forward = client is not None and (head is None or head.action == FORWARD)
+            fwd = forward
             if t == _D:
                 pass
             elif t == _Z:
@@ -406,11 +462,11 @@ class ServerConnection(asyncio.Protocol):
                     if fields.get("S") in ("FATAL", "PANIC"):
                         self.broken = True
                 else:
-                    if head.error is None:
-                        head.error = fields
+                    if (head.action != FORWARD or head.data is not None) and head.error is None:
+                        head.error = fields  # the shared FORWARD requests carry no state
                     if client is not None and head.action == SKIP:
-                        forward = True  # injected for the client: it must see why it failed
-                    if forward and head.action == FORWARD:
+                        fwd = True  # injected for the client: it must see why it failed
+                    if fwd and head.action == FORWARD:
                         client.server_error(fields)  # type: ignore[union-attr]
                         if head.kind == K_BIND and head.data is not None and fields.get("C") == "0A000":
                             # "cached plan must not change result type": the statement is
@@ -418,14 +474,16 @@ class ServerConnection(asyncio.Protocol):
                             client.statement_stale(head.data)  # type: ignore[union-attr]
                     if head.kind in _EXTENDED:
                         # The server now skips everything up to the next Sync: so do we.
-                        if forward:
+                        if fwd:
                             if run < 0:
                                 run = pos
                         elif run >= 0:
                             out.append(bytes(buf[run:pos]))
                             run = -1
                         pos = end
-                        self._fail_extended(head)
+                        self._fail_extended(head, fields)
+                        head = pending[0] if pending else None
+                        forward = client is not None and (head is None or head.action == FORWARD)
                         continue
             elif t == _S:
                 name, p2 = pq.read_cstr(buf, pos + 5)
@@ -434,10 +492,10 @@ class ServerConnection(asyncio.Protocol):
                 val = value.decode()
                 self.params[key] = val
                 self.applied = None  # no longer known to match any client's settings
-                if forward:
+                if fwd:
                     client.server_param(key, val)  # type: ignore[union-attr]
             # ---- forward this message, or swallow it
-            if forward:
+            if fwd:
                 if run < 0:
                     run = pos
             elif run >= 0:
@@ -446,11 +504,12 @@ class ServerConnection(asyncio.Protocol):
             pos = end
             if done and head is not None:
                 pending.popleft()
-                if head.fut is not None and not head.fut.done():
-                    head.fut.set_result(head.error)
-                if head.error is not None and head.kind == K_PARSE and head.data:
-                    self.prepared.discard(head.data)
-                if t == _Z and head.action == FORWARD:
+                if head.action != FORWARD or head.data is not None:
+                    if head.fut is not None and not head.fut.done():
+                        head.fut.set_result(head.error)
+                    if head.error is not None and head.kind == K_PARSE and head.data:
+                        self.prepared.discard(head.data)
+                elif t == _Z:
                     ready = True
                 if pending and pending[0].action == SYNTH:
                     if run >= 0:
@@ -460,6 +519,8 @@ class ServerConnection(asyncio.Protocol):
                         data = pending.popleft().data
                         if data and client is not None:
                             out.append(data)
+                head = pending[0] if pending else None
+                forward = client is not None and (head is None or head.action == FORWARD)
         if run >= 0:
             out.append(bytes(buf[run:pos]))
         if pos:
@@ -471,13 +532,14 @@ class ServerConnection(asyncio.Protocol):
                 client.server_ready(self.txn)
         if not pending:
             self.last_used = time.monotonic()
+            self.plain = True
 
-    def _fail_extended(self, head: Request) -> None:
+    def _fail_extended(self, head: Request, fields: dict[str, str]) -> None:
         """An extended-protocol request failed: drop every request up to the next Sync."""
         pending = self.pending
         pending.popleft()
         if head.fut is not None and not head.fut.done():
-            head.fut.set_result(head.error)
+            head.fut.set_result(head.error or fields)
         if head.kind == K_PARSE and head.data:
             self.prepared.discard(head.data)
         while pending and pending[0].kind != K_SYNC:
@@ -485,7 +547,7 @@ class ServerConnection(asyncio.Protocol):
             if req.kind == K_PARSE and req.data and req.action != SYNTH:
                 self.prepared.discard(req.data)
             if req.fut is not None and not req.fut.done():
-                req.fut.set_result(head.error)
+                req.fut.set_result(fields)
         self.skipping = True
 
     def discarding(self) -> bool:
@@ -499,6 +561,7 @@ class ServerConnection(asyncio.Protocol):
         """Queue a synthetic response; return it when it is due right now (nothing pending)."""
         if not self.pending:
             return data
+        self.plain = False
         self.pending.append(Request(0, SYNTH, data))
         return None
 

@@ -1,0 +1,135 @@
+"""In-process cost of the proxy's per-message path, without sockets or PostgreSQL.
+
+One ClientSession and one pooled ServerConnection are wired to transports that only count
+what is written; each iteration feeds the client's bytes for one transaction and the
+server's recorded answer, exactly as the event loop would. It measures what our Python code
+adds per transaction (the syscalls a real relay also pays are not in it), and can run
+under cProfile (``--profile``). Not a test: it asserts nothing about speed.
+
+    python tests/bench/bench_hotpath.py [--iterations N] [--repeats N] [--profile]
+    python tests/bench/bench_hotpath.py --tree /other/checkout   # the same, for another version
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import struct
+import sys
+import time
+from pathlib import Path
+
+_TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv else str(Path(__file__).resolve().parents[2])
+sys.path.insert(0, _TREE)
+
+from config.loader import load_settings, parse_dsn  # noqa: E402
+from proxy import protocol as pq  # noqa: E402
+from proxy.client import ClientSession  # noqa: E402
+from proxy.listener import ProxyServer  # noqa: E402
+from proxy.server import ServerConnection  # noqa: E402
+
+
+class CountingTransport:
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def workloads() -> dict[str, tuple[bytes, bytes]]:
+    """(client bytes, server answer) for one transaction of each pgbench -S protocol."""
+    sql = b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;"
+    row = _msg(b"T", b"\x00\x01abalance\x00" + b"\x00" * 6 + b"\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00")
+    data = _msg(b"D", b"\x00\x01\x00\x00\x00\x010")
+    done = _msg(b"C", b"SELECT 1\x00") + _msg(b"Z", b"I")
+    simple = (_msg(b"Q", sql + b"\x00"), row + data + done)
+    psql = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+    parse = _msg(b"P", b"\x00" + psql + b"\x00\x00\x00")
+    bind = _msg(b"B", b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x0548213\x00\x00")
+    describe = _msg(b"D", b"P\x00")
+    execute = _msg(b"E", b"\x00\x00\x00\x00\x00")
+    sync = _msg(b"S", b"")
+    extended = (
+        parse + bind + describe + execute + sync,
+        _msg(b"1", b"") + _msg(b"2", b"") + row + data + done,
+    )
+    nparse = _msg(b"P", b"P0_1\x00" + psql + b"\x00\x00\x00")
+    nbind = _msg(b"B", b"\x00P0_1\x00\x00\x00\x00\x01\x00\x00\x00\x0548213\x00\x00")
+    prepared = (nbind + describe + execute + sync, _msg(b"2", b"") + row + data + done)
+    return {"simple": simple, "extended": extended, "prepared": prepared, "_prepare": (nparse + sync, b"")}
+
+
+async def measure(iterations: int, profile: bool, repeats: int) -> None:
+    settings = load_settings(None, env={}, overrides={"upstream.dsn": "postgresql://bench@127.0.0.1:1/bench"})
+    listener = ProxyServer(settings, parse_dsn(settings.upstream.dsn))
+    pool = listener.pool_for("bench", "bench")
+    server = ServerConnection(pool.endpoint)
+    server.connection_made(CountingTransport())  # type: ignore[arg-type]
+    server._connected = True  # noqa: SLF001 - a connection past its startup
+    pool.total = 1
+    pool.defaults = {}
+    pool.idle.append(server)
+    client = ClientSession(listener)
+    client_transport = CountingTransport()
+    client.transport = client_transport  # type: ignore[assignment]
+    client.pool = pool
+    client.desired = pool.intern_settings({})
+    server.applied = client.desired
+    client.relay = True
+    loads = workloads()
+    # The named statement the prepared workload binds: prepared once, as pgbench does.
+    client.data_received(loads["_prepare"][0])
+    server.data_received(_msg(b"1", b"") + _msg(b"Z", b"I"))
+    print(f"{'workload':10s} {'us/tx':>7s} {'client writes/tx':>17s}")
+    for name in ("simple", "extended", "prepared"):
+        request, answer = loads[name]
+        prof = cProfile.Profile() if profile else None
+        writes0 = client_transport.writes
+        best = float("inf")
+        for _ in range(1 if profile else repeats):  # best of N: the machine is shared and noisy
+            start = time.perf_counter()
+            if prof:
+                prof.enable()
+            for _ in range(iterations):
+                client.data_received(request)
+                server.data_received(answer)
+            if prof:
+                prof.disable()
+            best = min(best, time.perf_counter() - start)
+            assert client.server is None and not server.pending, "transaction did not complete"
+        per_tx = (client_transport.writes - writes0) / iterations / (1 if profile else repeats)
+        print(f"{name:10s} {best / iterations * 1e6:7.2f} {per_tx:17.1f}")
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--iterations", type=int, default=30_000)
+    p.add_argument("--repeats", type=int, default=7, help="report the best of this many runs")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--tree", help="measure the proxy code of another checkout (A/B comparisons)")
+    args = p.parse_args()
+    asyncio.run(measure(args.iterations, args.profile, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
