@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import re
 import secrets
 import ssl
@@ -187,6 +188,16 @@ class ClientSession(asyncio.Protocol):
         self._queued: asyncio.TimerHandle | None = None  # waiting in the pool's queue
         self._queued_at = 0.0
         self._server_paused = False
+        # ---- statement measurement (issue 3): one entry per request that ends in ReadyForQuery
+        self.stats = listener.stats
+        self.measure = self.stats is not None
+        self._inflight: deque[tuple[bytes, float, float, bool] | None] = deque()
+        self._segment: bytes | None = None  # text of the extended-protocol segment being sent
+        self._segment_start = 0.0
+        self._executed = False
+        self._unnamed_sql = b""  # text of the unnamed statement, for a Bind without its Parse
+        self._waited = 0.0  # seconds the next statement waited for a server connection
+        self._sqlstate: str | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -482,7 +493,8 @@ class ClientSession(asyncio.Protocol):
             return False
         self._queued.cancel()
         self._queued = None
-        self.pool.checkout_waited(time.monotonic() - self._queued_at)  # type: ignore[union-attr]
+        self._waited = time.monotonic() - self._queued_at
+        self.pool.checkout_waited(self._waited)  # type: ignore[union-attr]
         if self.transport is not None:
             self.transport.resume_reading()
         self._attached(server)
@@ -503,16 +515,20 @@ class ClientSession(asyncio.Protocol):
         self._queued = None
         pool.dequeue(self)
         pool.checkout_timeouts += 1
-        waited_ms = (time.monotonic() - self._queued_at) * 1000
+        self._waited = time.monotonic() - self._queued_at
+        waited_ms = self._waited * 1000
         s = pool.settings
         self._reject_pending_input(ProxyError.checkout_timeout(pool.name, waited_ms, s.size, s.max_overflow))
 
     async def _attach(self) -> None:
         pool = self.pool
         assert pool is not None
+        started = time.monotonic()
         try:
             server = await pool.acquire()
+            self._waited = time.monotonic() - started
         except ProxyError as err:
+            self._waited = time.monotonic() - started
             self._acquiring = None
             self._reject_pending_input(err)
             return
@@ -568,8 +584,12 @@ class ClientSession(asyncio.Protocol):
         pos = 0
         n = len(buf)
         replied = False
+        measure = self.measure
+        started = time.monotonic() - self._waited
+        text = b""
         while n - pos >= 5:
             kind = buf[pos]
+            start = pos
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             if end > n:
                 break
@@ -578,7 +598,16 @@ class ClientSession(asyncio.Protocol):
                 del buf[:pos]
                 self.close()
                 return
+            if measure:
+                if kind == _Q:
+                    text = bytes(buf[start + 5 : end - 1])
+                elif kind == _P:
+                    nul = buf.index(0, start + 5, end)
+                    text = bytes(buf[nul + 1 : buf.index(0, nul + 1, end)])
             if kind == _Q or kind == _S or kind == _F:
+                if measure:  # it never ran, and the client got an error: counted as one
+                    self._record(text, started, self._waited, 0, err.sqlstate)
+                    text = b""
                 if not replied:
                     self.write(pq.error_response(err))
                 replied = False
@@ -589,6 +618,7 @@ class ClientSession(asyncio.Protocol):
                 self.write(pq.error_response(err))
                 replied = True
         del buf[:pos]
+        self._waited = 0.0
         if self.transport is not None:
             self.transport.resume_reading()
         if err.fatal:
@@ -617,6 +647,13 @@ class ClientSession(asyncio.Protocol):
         # After an error in extended protocol the server ignores everything up to the Sync the
         # client has not sent yet: so do we (no request expected, no statement prepared).
         dropping = server.skipping and server.discarding()
+        measure = self.measure
+        if measure:
+            # When this batch arrived: it may have waited for a server connection meanwhile.
+            now = time.monotonic() - self._waited
+            waited = self._waited
+            self._waited = 0.0
+            inflight = self._inflight
         while n - pos >= 5:
             length = unpack(buf, pos + 1)[0]
             if length < 4 or length > self.max_message:
@@ -634,11 +671,20 @@ class ClientSession(asyncio.Protocol):
                 continue
             if t == _Q:
                 pending.append(FORWARD_QUERY)
-                self._inspect(bytes(buf[pos + 5 : end - 1]), server)
+                sql = bytes(buf[pos + 5 : end - 1])
+                self._inspect(sql, server)
+                if measure:
+                    inflight.append((sql, now, waited, True))
+                    waited = 0.0
             elif t == _B:
                 p1 = buf.index(0, pos + 5, end)
                 p2 = buf.index(0, p1 + 1, end)
                 target = None
+                if measure:
+                    if not self._segment_start:
+                        self._segment_start = now
+                    if self._segment is None:
+                        self._segment = self._statement_text(bytes(buf[p1 + 1 : p2]))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -647,14 +693,29 @@ class ClientSession(asyncio.Protocol):
                         run = end
                         target = target[:-1]
                 pending.append(FORWARD_BIND if target is None else Request(K_BIND, FORWARD, target))
-            elif t == _E or t == _S:
-                pending.append(FORWARD_EXECUTE if t == _E else FORWARD_SYNC)
-                if t == _S:
-                    dropping = False
+            elif t == _E:
+                pending.append(FORWARD_EXECUTE)
+                self._executed = True
+            elif t == _S:
+                pending.append(FORWARD_SYNC)
+                dropping = False
+                if measure:
+                    inflight.append(
+                        (self._segment or b"", self._segment_start or now, waited, self._executed)
+                    )
+                    waited = 0.0
+                    self._segment = None
+                    self._segment_start = 0.0
+                    self._executed = False
             elif t == _P:
                 nul = buf.index(0, pos + 5, end)
                 qend = buf.index(0, nul + 1, end)
-                self._inspect(bytes(buf[nul + 1 : qend]), server)
+                sql = bytes(buf[nul + 1 : qend])
+                self._inspect(sql, server)
+                if measure:
+                    self._segment = sql
+                    if nul == pos + 5:
+                        self._unnamed_sql = sql
                 if nul > pos + 5:
                     name = bytes(buf[pos + 5 : nul])
                     rest = bytes(buf[nul + 1 : end])
@@ -693,6 +754,8 @@ class ClientSession(asyncio.Protocol):
                 pass
             elif t == _F:
                 pending.append(FORWARD_FUNC)
+                if measure:
+                    inflight.append(None)
             elif t == _X:
                 if run < pos:
                     out.append(bytes(buf[run:pos]))
@@ -773,7 +836,71 @@ class ClientSession(asyncio.Protocol):
                 self._idle_input()
 
     def server_error(self, fields: dict[str, str]) -> None:
-        pass
+        if self._sqlstate is None:
+            self._sqlstate = fields.get("C") or "XX000"
+
+    def _statement_text(self, name: bytes) -> bytes:
+        """The text a Bind runs: its named statement's, or the unnamed one's."""
+        if not name:
+            return self._unnamed_sql
+        entry = self.statements.get(name)
+        if entry is None:
+            return b""
+        rest = entry[1]
+        return rest[: rest.index(0)]
+
+    def statement_done(self, rows: int) -> None:
+        """The server answered one Query or one Sync of this client: record the statement."""
+        inflight = self._inflight
+        sqlstate = self._sqlstate
+        self._sqlstate = None
+        if not inflight:
+            return
+        entry = inflight.popleft()
+        if entry is None:
+            return
+        sql, start, waited, executed = entry
+        if not executed and sqlstate is None:
+            return  # a Parse/Describe only segment: nothing ran
+        self._record(sql, start, waited, rows, sqlstate)
+
+    def _record(self, sql: bytes, start: float, waited: float, rows: int, sqlstate: str | None) -> None:
+        stats = self.stats
+        try:
+            desired = self.desired
+            fp = self.listener.fingerprinter.of_bytes(sql, desired.get("client_encoding", "utf-8"))
+            slow = stats.query_finished(  # type: ignore[union-attr]
+                fp,
+                database=self.database,
+                user=self.user,
+                application_name=desired.get("application_name", ""),
+                client=self.peer,
+                duration=time.monotonic() - start,
+                wait=waited,
+                rows=rows,
+                sqlstate=sqlstate,
+            )
+        except Exception:  # noqa: BLE001 - measuring must never break the relay
+            log.exception("statement_stats_failed", extra={"client": self.peer})
+            self.measure = False
+            return
+        if slow is not None:
+            log.warning(
+                "slow_query",
+                extra={
+                    "fingerprint": slow.fingerprint,
+                    "query": slow.normalized,
+                    "kind": slow.kind,
+                    "duration_ms": round(slow.duration_ms, 3),
+                    "wait_ms": round(slow.wait_ms, 3),
+                    "rows": slow.rows,
+                    "sqlstate": slow.sqlstate,
+                    "database": slow.database,
+                    "user": slow.user,
+                    "application_name": slow.application_name,
+                    "client": slow.client,
+                },
+            )
 
     def statement_stale(self, name: bytes) -> None:
         self.pool.forget_statement(name)  # type: ignore[union-attr]

@@ -376,6 +376,30 @@ def _describe(tree: str) -> tuple[str, tuple[str, ...], tuple[str, ...], bool, b
     return kind, tuple(sorted(tables)), tuple(sorted(functions)), read_only, locking, len(starts)
 
 
+# The shape of a text for the memo of ``Fingerprinter.of_bytes``: numbers and '...' strings become
+# ``?`` (quoted identifiers and comments are kept as they are), so texts that differ only in literal
+# values share one memo entry: ``WHERE aid = 48213`` and ``WHERE aid = 7`` cost one parse, not one
+# each. The lookahead lets the engine skip to the few bytes that can start a token. Texts with a
+# backslash (E'' escapes) or a dollar quote are not shaped: those literals could fool the scanner.
+_SHAPE = re.compile(
+    rb"(?=[-/\"'0-9])(?:(\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/)|'(?:[^']|'')*'"
+    rb"|(?<![\w$.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w$]))",
+    re.S,
+)
+_UNSHAPEABLE = re.compile(rb"\\|\$\w*\$")
+
+
+def _shape_token(match: re.Match[bytes]) -> bytes:
+    return match.group(1) or b"?"
+
+
+def text_shape(sql: bytes) -> bytes:
+    """The memo key for ``sql``: literal values replaced, everything else as it is."""
+    if (b"\\" in sql or b"$" in sql) and _UNSHAPEABLE.search(sql) is not None:
+        return sql
+    return _SHAPE.sub(_shape_token, sql)
+
+
 class Fingerprinter:
     """Memoised SQL text -> Fingerprint. One per proxy (not a module global); not thread-safe.
 
@@ -385,8 +409,8 @@ class Fingerprinter:
     (no LRU bookkeeping) and the amortised eviction cost at well under a microsecond per miss.
     """
 
-    __slots__ = ("_memo", "_memo_chars", "max_memo", "max_memo_chars", "max_normalized_chars",
-                 "max_parse_chars", "hits", "misses", "evictions")
+    __slots__ = ("_memo", "_memo_chars", "_shapes", "_shape_bytes", "max_memo", "max_memo_chars",
+                 "max_normalized_chars", "max_parse_chars", "hits", "misses", "evictions")
 
     def __init__(self, max_memo: int = 10000, *, max_memo_chars: int = 16_000_000,
                  max_normalized_chars: int = 8192, max_parse_chars: int = 16384) -> None:
@@ -394,6 +418,8 @@ class Fingerprinter:
             raise ValueError(f"max_memo must be at least 1, got {max_memo}")
         self._memo: dict[str, Fingerprint] = {}
         self._memo_chars = 0
+        self._shapes: dict[bytes, Fingerprint] = {}
+        self._shape_bytes = 0
         self.max_memo = max_memo
         self.max_memo_chars = max_memo_chars
         self.max_normalized_chars = max_normalized_chars
@@ -403,7 +429,7 @@ class Fingerprinter:
         self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._memo)
+        return len(self._memo) + len(self._shapes)
 
     def __call__(self, sql: str) -> Fingerprint:
         found = self._memo.get(sql)
@@ -419,9 +445,41 @@ class Fingerprinter:
             self._evict()
         return fingerprint
 
+    def of_bytes(self, sql: bytes, encoding: str = "utf-8") -> Fingerprint:
+        """Fingerprint of a statement as it came off the wire, memoised by its shape (see
+        ``text_shape``): a query run with ever new literal values still costs one regex pass
+        and one dict lookup, not a parse."""
+        shapes = self._shapes
+        found = shapes.get(sql)  # texts without literals (bind parameters) are their own shape
+        if found is not None:
+            self.hits += 1
+            return found
+        shape = text_shape(sql)
+        found = shapes.get(shape)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        try:
+            text = sql.decode(encoding, "replace")
+        except LookupError:  # an encoding Python does not know
+            text = sql.decode("utf-8", "replace")
+        fingerprint = self.compute(text)
+        shapes[shape] = fingerprint
+        self._shape_bytes += len(shape)
+        if len(shapes) > self.max_memo or self._shape_bytes > self.max_memo_chars:
+            victims = list(islice(shapes, max(1, len(shapes) // 2)))
+            for key in victims:
+                del shapes[key]
+                self._shape_bytes -= len(key)
+            self.evictions += len(victims)
+        return fingerprint
+
     def clear(self) -> None:
         self._memo.clear()
         self._memo_chars = 0
+        self._shapes.clear()
+        self._shape_bytes = 0
 
     def _evict(self) -> None:
         memo = self._memo

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 from .auth import ClientVerifier, UserSecret, make_verifier
 from .client import ClientSession
 from .errors import ProxyError
+from .fingerprint import Fingerprinter
 from .pool import Pool, PoolSnapshot
 from .server import Endpoint
+from .stats import QueryStats
 
 if TYPE_CHECKING:
     from config.loader import DsnParts
@@ -64,6 +66,15 @@ class ProxyServer:
         self.rejected = 0
         self.port = settings.proxy.port
         self.host = settings.proxy.host
+        # Query observability (issue 3): one fingerprint memo and one statistics store per proxy.
+        self.fingerprinter = Fingerprinter()
+        self.stats: QueryStats | None = None
+        if settings.stats.enabled:
+            self.stats = QueryStats(
+                max_fingerprints=settings.stats.max_fingerprints,
+                slow_threshold_ms=settings.slow_query.threshold_ms,
+                slow_ring=settings.slow_query.ring_size,
+            )
 
     # ------------------------------------------------------------------ setup
     def _load_users(self) -> dict[str, UserSecret]:

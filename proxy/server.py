@@ -74,6 +74,15 @@ READ_ONLY_PARAMS = frozenset(
 )
 
 
+def tag_rows(buf: bytes | bytearray, pos: int, end: int) -> int:
+    """Rows in the CommandComplete message at ``buf[pos:end]`` ("SELECT 5", "INSERT 0 3", ...)."""
+    space = buf.rfind(b" ", pos + 5, end - 1)
+    if space < 0:
+        return 0
+    digits = buf[space + 1 : end - 1]
+    return int(digits) if digits.isdigit() else 0
+
+
 class Request:
     """One request sent to the server (or a synthetic response waiting for its turn)."""
 
@@ -114,6 +123,9 @@ class Attached(Protocol):
     def server_param(self, name: str, value: str) -> None: ...
     def server_lost(self) -> None: ...
     def statement_stale(self, name: bytes) -> None: ...
+    def statement_done(self, rows: int) -> None: ...
+
+    measure: bool  # wants statement_done for each of its ReadyForQuery
     def pause_input(self) -> None: ...
     def resume_input(self) -> None: ...
 
@@ -200,6 +212,7 @@ class ServerConnection(asyncio.Protocol):
         "forgotten",
         "_authenticated",
         "plain",
+        "rows",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -229,6 +242,7 @@ class ServerConnection(asyncio.Protocol):
         # Everything pending is the client's own (FORWARD): no injected, internal or synthetic
         # request since the connection was last idle. Enables the fast path of data_received.
         self.plain = True
+        self.rows = 0  # rows the client's current statement returned or changed (measured clients)
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -259,12 +273,17 @@ class ServerConnection(asyncio.Protocol):
         pos = 0
         t = 0
         zs = 0
+        last_c = -1
         while pos < n:
             t = data[pos]
             if t == _E or t == _S:
                 return False
             if t == _Z:
                 zs += 1
+            elif t == _C:
+                if last_c >= 0:
+                    return False  # several statements: counted on the full path
+                last_c = pos
             pos += 1 + unpack(data, pos + 1)[0]
         if pos != n or t != _Z or zs != 1:
             return False
@@ -275,6 +294,12 @@ class ServerConnection(asyncio.Protocol):
         self.skipping = False
         self.last_used = time.monotonic()
         client.write(data)
+        if client.measure:
+            rows = self.rows
+            if last_c >= 0:
+                rows += tag_rows(data, last_c, last_c + 1 + unpack(data, last_c + 1)[0])
+            self.rows = 0
+            client.statement_done(rows)
         if self.client is client:
             client.server_ready(self.txn)
         return True
@@ -437,6 +462,7 @@ class ServerConnection(asyncio.Protocol):
         unpack = _LEN.unpack_from
         head = pending[0] if pending else None
         forward = client is not None and (head is None or head.action == FORWARD)
+        measure = client is not None and client.measure
         while n - pos >= 5:
             end = pos + 1 + unpack(buf, pos + 1)[0]
             if end > n:
@@ -452,6 +478,8 @@ class ServerConnection(asyncio.Protocol):
                 done = True
             elif t == _C or t == _I:
                 done = head is not None and head.kind == K_EXECUTE
+                if measure and fwd and t == _C:
+                    self.rows += tag_rows(buf, pos, end)
             elif t == _T:
                 done = head is not None and head.kind == K_DESCRIBE
             elif t == _1 or t == _2 or t == _3 or t == _n or t == _s:
@@ -466,8 +494,9 @@ class ServerConnection(asyncio.Protocol):
                         head.error = fields  # the shared FORWARD requests carry no state
                     if client is not None and head.action == SKIP:
                         fwd = True  # injected for the client: it must see why it failed
-                    if fwd and head.action == FORWARD:
+                    if fwd:
                         client.server_error(fields)  # type: ignore[union-attr]
+                    if fwd and head.action == FORWARD:
                         if head.kind == K_BIND and head.data is not None and fields.get("C") == "0A000":
                             # "cached plan must not change result type": the statement is
                             # useless now; the client's re-Parse must really prepare again.
@@ -511,6 +540,10 @@ class ServerConnection(asyncio.Protocol):
                         self.prepared.discard(head.data)
                 elif t == _Z:
                     ready = True
+                    if measure:
+                        rows = self.rows
+                        self.rows = 0
+                        client.statement_done(rows)  # type: ignore[union-attr]
                 if pending and pending[0].action == SYNTH:
                     if run >= 0:
                         out.append(bytes(buf[run:pos]))

@@ -77,8 +77,9 @@ def workloads() -> dict[str, tuple[bytes, bytes]]:
     return {"simple": simple, "extended": extended, "prepared": prepared, "_prepare": (nparse + sync, b"")}
 
 
-async def measure(iterations: int, profile: bool, repeats: int) -> None:
-    settings = load_settings(None, env={}, overrides={"upstream.dsn": "postgresql://bench@127.0.0.1:1/bench"})
+async def measure(iterations: int, profile: bool, repeats: int, stats: bool = True) -> None:
+    overrides = {"upstream.dsn": "postgresql://bench@127.0.0.1:1/bench", "stats.enabled": stats}
+    settings = load_settings(None, env={}, overrides=overrides)
     listener = ProxyServer(settings, parse_dsn(settings.upstream.dsn))
     pool = listener.pool_for("bench", "bench")
     server = ServerConnection(pool.endpoint)
@@ -126,9 +127,10 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=30_000)
     p.add_argument("--repeats", type=int, default=7, help="report the best of this many runs")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--no-stats", action="store_true", help="stats.enabled: false (measurement off)")
     p.add_argument("--tree", help="measure the proxy code of another checkout (A/B comparisons)")
     args = p.parse_args()
-    asyncio.run(measure(args.iterations, args.profile, args.repeats))
+    asyncio.run(measure(args.iterations, args.profile, args.repeats, not args.no_stats))
 
 
 if __name__ == "__main__":

@@ -526,3 +526,59 @@ def test_operator_runs_that_make_the_lexer_quadratic_are_not_parsed(fingerprint:
 def test_banner_comments_still_parse(fingerprint: Fingerprinter, banner: str) -> None:
     fp = fingerprint(banner + "\nSELECT a FROM t WHERE b = 1")
     assert fp.parsed and fp.kind == "select" and fp.normalized == "SELECT a FROM t WHERE b = $1"
+
+
+# ----------------------------------------------------------------------------- of_bytes (the proxy's entry)
+ALL_PAIRS = [(a, b) for texts in SAME_FINGERPRINT for a in texts.values[0] for b in texts.values[0]] + [
+    (left, right) for left, right in DIFFERENT_FINGERPRINT]
+
+
+@pytest.mark.parametrize(("left", "right"), ALL_PAIRS)
+def test_of_bytes_agrees_with_a_fresh_parse_whatever_was_memoised_first(left: str, right: str) -> None:
+    """The shape memo may only merge texts whose fingerprints are equal anyway."""
+    fp = Fingerprinter()
+    first = fp.of_bytes(left.encode())
+    second = fp.of_bytes(right.encode())
+    fresh = Fingerprinter()
+    assert first == fresh.compute(left)
+    assert second == fresh.compute(right)
+
+
+@pytest.mark.parametrize(("left", "right"), [
+    ('SELECT "col 1" FROM t', 'SELECT "col 2" FROM t'),  # digits in quoted identifiers are names
+    ("SELECT a FROM t1", "SELECT a FROM t2"),  # and in plain ones
+    ("SELECT a FROM t WHERE b = $1", "SELECT a FROM t WHERE b = $2"),
+    ("SELECT E'\\'' || '1' FROM t", "SELECT E'\\'' || '1' FROM u"),
+    ("SELECT $$a' FROM t$$ FROM u", "SELECT $$a' FROM t$$ FROM v"),
+])
+def test_of_bytes_never_merges_texts_that_differ_beyond_literals(left: str, right: str) -> None:
+    fp = Fingerprinter()
+    a, b = fp.of_bytes(left.encode()), fp.of_bytes(right.encode())
+    assert (a.tables, a.normalized) != (b.tables, b.normalized) or a.id != b.id
+    assert b == Fingerprinter().compute(right)
+
+
+def test_of_bytes_parses_a_query_once_for_any_literal_values() -> None:
+    fp = Fingerprinter()
+    for aid in range(1, 2000, 7):
+        result = fp.of_bytes(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};".encode())
+        assert result.normalized == "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+    for name in ("alice", "bob", "o''brien"):
+        fp.of_bytes(f"SELECT id FROM users WHERE email = '{name}' AND age > 3.5".encode())
+    assert fp.misses == 2
+    assert len(fp) == 2
+
+
+def test_of_bytes_memo_is_bounded() -> None:
+    fp = Fingerprinter(max_memo=100)
+    for i in range(1000):
+        fp.of_bytes(f"SELECT c{i} FROM t WHERE a = {i}".encode())
+    assert len(fp) <= 100
+    assert fp.evictions >= 900
+
+
+def test_of_bytes_survives_bytes_that_are_not_utf8() -> None:
+    fp = Fingerprinter()
+    result = fp.of_bytes(b"SELECT '\xff\xfe' FROM t")
+    assert result.tables == ("t",)
+    assert fp.of_bytes(b"SELECT 1", encoding="no-such-codec").kind == "select"
