@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from . import protocol as pq
 from .auth import AuthFailed
 from .errors import ProxyError
+from .stats import Scope
 from .server import (
     FORWARD,
     FORWARD_BIND,
@@ -190,7 +191,8 @@ class ClientSession(asyncio.Protocol):
         self._server_paused = False
         # ---- statement measurement (issue 3): one entry per request that ends in ReadyForQuery
         self.stats = listener.stats
-        self.measure = self.stats is not None
+        self._recorder = listener.recorder
+        self.measure = self._recorder is not None
         self._inflight: deque[tuple[bytes, float, float, bool] | None] = deque()
         self._segment: bytes | None = None  # text of the extended-protocol segment being sent
         self._segment_start = 0.0
@@ -198,6 +200,9 @@ class ClientSession(asyncio.Protocol):
         self._unnamed_sql = b""  # text of the unnamed statement, for a Bind without its Parse
         self._waited = 0.0  # seconds the next statement waited for a server connection
         self._sqlstate: str | None = None
+        self._scope: Scope | None = None  # this session's (database, user) counters
+        self._app = ""  # application_name and client_encoding now, as the session set them
+        self._encoding = "utf-8"
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -433,6 +438,9 @@ class ClientSession(asyncio.Protocol):
             if key not in reported:
                 desired[key] = value
         self.desired = pool.intern_settings(desired)
+        self._track_settings()
+        if self.stats is not None:
+            self._scope = self.stats.scope(self.database, user)
         self.pid = listener.session_opened(self)
         out = [pq.parameter_status(k, v) for k, v in reported.items()]
         out.append(pq.backend_key_data(self.pid, self.secret))
@@ -849,8 +857,10 @@ class ClientSession(asyncio.Protocol):
         rest = entry[1]
         return rest[: rest.index(0)]
 
-    def statement_done(self, rows: int) -> None:
-        """The server answered one Query or one Sync of this client: record the statement."""
+    def statement_done(self, rows: int | bytes) -> None:
+        """The server answered one Query or one Sync of this client: record the statement.
+
+        ``rows`` is a count, or the CommandComplete tag to read it from (off the relay path)."""
         inflight = self._inflight
         sqlstate = self._sqlstate
         self._sqlstate = None
@@ -860,47 +870,17 @@ class ClientSession(asyncio.Protocol):
         if entry is None:
             return
         sql, start, waited, executed = entry
-        if not executed and sqlstate is None:
-            return  # a Parse/Describe only segment: nothing ran
-        self._record(sql, start, waited, rows, sqlstate)
+        if executed or sqlstate is not None:  # else a Parse/Describe-only segment: nothing ran
+            self._recorder.add(  # type: ignore[union-attr]  # measure is off without one
+                (sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
+                 time.monotonic() - start, waited, rows, sqlstate)
+            )
 
     def _record(self, sql: bytes, start: float, waited: float, rows: int, sqlstate: str | None) -> None:
-        stats = self.stats
-        try:
-            desired = self.desired
-            fp = self.listener.fingerprinter.of_bytes(sql, desired.get("client_encoding", "utf-8"))
-            slow = stats.query_finished(  # type: ignore[union-attr]
-                fp,
-                database=self.database,
-                user=self.user,
-                application_name=desired.get("application_name", ""),
-                client=self.peer,
-                duration=time.monotonic() - start,
-                wait=waited,
-                rows=rows,
-                sqlstate=sqlstate,
-            )
-        except Exception:  # noqa: BLE001 - measuring must never break the relay
-            log.exception("statement_stats_failed", extra={"client": self.peer})
-            self.measure = False
-            return
-        if slow is not None:
-            log.warning(
-                "slow_query",
-                extra={
-                    "fingerprint": slow.fingerprint,
-                    "query": slow.normalized,
-                    "kind": slow.kind,
-                    "duration_ms": round(slow.duration_ms, 3),
-                    "wait_ms": round(slow.wait_ms, 3),
-                    "rows": slow.rows,
-                    "sqlstate": slow.sqlstate,
-                    "database": slow.database,
-                    "user": slow.user,
-                    "application_name": slow.application_name,
-                    "client": slow.client,
-                },
-            )
+        self._recorder.add(  # type: ignore[union-attr]
+            (sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
+             time.monotonic() - start, waited, rows, sqlstate)
+        )
 
     def statement_stale(self, name: bytes) -> None:
         self.pool.forget_statement(name)  # type: ignore[union-attr]
@@ -910,6 +890,12 @@ class ClientSession(asyncio.Protocol):
             changed = dict(self.desired)
             changed[name] = value
             self.desired = self.pool.intern_settings(changed)  # type: ignore[union-attr]
+            self._track_settings()
+
+    def _track_settings(self) -> None:
+        desired = self.desired
+        self._app = desired.get("application_name", "")
+        self._encoding = desired.get("client_encoding", "utf-8")
 
     def server_lost(self) -> None:
         server = self.server

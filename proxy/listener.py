@@ -18,6 +18,7 @@ from .client import ClientSession
 from .errors import ProxyError
 from .fingerprint import Fingerprinter
 from .pool import Pool, PoolSnapshot
+from .recorder import Recorder
 from .server import Endpoint
 from .stats import QueryStats
 
@@ -69,12 +70,14 @@ class ProxyServer:
         # Query observability (issue 3): one fingerprint memo and one statistics store per proxy.
         self.fingerprinter = Fingerprinter()
         self.stats: QueryStats | None = None
+        self.recorder: Recorder | None = None
         if settings.stats.enabled:
             self.stats = QueryStats(
                 max_fingerprints=settings.stats.max_fingerprints,
                 slow_threshold_ms=settings.slow_query.threshold_ms,
                 slow_ring=settings.slow_query.ring_size,
             )
+            self.recorder = Recorder(self.stats, self.fingerprinter)
 
     # ------------------------------------------------------------------ setup
     def _load_users(self) -> dict[str, UserSecret]:
@@ -222,6 +225,12 @@ class ProxyServer:
             log.info("cancel_failed", extra={"pool": server.endpoint.label, "error": str(exc)})
 
     # ------------------------------------------------------------------ observation
+    def query_stats(self) -> QueryStats | None:
+        """The query statistics with every finished statement recorded (None: stats disabled)."""
+        if self.recorder is not None:
+            self.recorder.flush()
+        return self.stats
+
     def snapshot(self) -> ProxySnapshot:
         active = waiting = pinned = 0
         for s in self.sessions.values():

@@ -76,10 +76,12 @@ READ_ONLY_PARAMS = frozenset(
 
 def tag_rows(buf: bytes | bytearray, pos: int, end: int) -> int:
     """Rows in the CommandComplete message at ``buf[pos:end]`` ("SELECT 5", "INSERT 0 3", ...)."""
-    space = buf.rfind(b" ", pos + 5, end - 1)
-    if space < 0:
-        return 0
-    digits = buf[space + 1 : end - 1]
+    return rows_in_tag(buf[pos + 5 : end - 1])
+
+
+def rows_in_tag(tag: bytes | bytearray) -> int:
+    """Rows in a command tag without its NUL: the number after the last space, else 0."""
+    digits = tag[tag.rfind(b" ") + 1 :]
     return int(digits) if digits.isdigit() else 0
 
 
@@ -123,7 +125,7 @@ class Attached(Protocol):
     def server_param(self, name: str, value: str) -> None: ...
     def server_lost(self) -> None: ...
     def statement_stale(self, name: bytes) -> None: ...
-    def statement_done(self, rows: int) -> None: ...
+    def statement_done(self, rows: int | bytes) -> None: ...
 
     measure: bool  # wants statement_done for each of its ReadyForQuery
     def pause_input(self) -> None: ...
@@ -295,11 +297,13 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = time.monotonic()
         client.write(data)
         if client.measure:
-            rows = self.rows
-            if last_c >= 0:
-                rows += tag_rows(data, last_c, last_c + 1 + unpack(data, last_c + 1)[0])
+            if last_c < 0:
+                client.statement_done(self.rows)
+            elif not self.rows:  # the usual case: the tag goes as it is, read off the relay path
+                client.statement_done(data[last_c + 5 : last_c + unpack(data, last_c + 1)[0]])
+            else:
+                client.statement_done(self.rows + tag_rows(data, last_c, last_c + 1 + unpack(data, last_c + 1)[0]))
             self.rows = 0
-            client.statement_done(rows)
         if self.client is client:
             client.server_ready(self.txn)
         return True

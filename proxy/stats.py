@@ -48,6 +48,7 @@ __all__ = [
     "FingerprintSnapshot",
     "HistogramSnapshot",
     "QueryStats",
+    "Scope",
     "SlowQuery",
     "StatsSnapshot",
     "pretty_sql",
@@ -150,12 +151,29 @@ class _Entry:
         self.last_sqlstate: str | None = None
 
 
-class _Histogram:
-    __slots__ = ("counts", "sum")
+class _KindStats:
+    """Aggregated counters of one statement kind within a Scope (Prometheus-facing)."""
+
+    __slots__ = ("ok", "errors", "counts", "sum")
 
     def __init__(self) -> None:
+        self.ok = 0
+        self.errors = 0
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sum = 0.0
+
+
+class Scope:
+    """The aggregated counters of one (database, user). A client session holds its scope, so
+    recording a statement costs no key tuples and no lookups by database and user."""
+
+    __slots__ = ("database", "user", "kinds", "slow")
+
+    def __init__(self, database: str, user: str) -> None:
+        self.database = database
+        self.user = user
+        self.kinds: dict[str, _KindStats] = {}
+        self.slow = 0
 
 
 def _cumulative(counts: list[int]) -> tuple[int, ...]:
@@ -232,8 +250,8 @@ TOP_ORDERS: tuple[str, ...] = tuple(_ORDERS)
 class QueryStats:
     """Per-fingerprint and aggregated query statistics. One per proxy; not thread-safe."""
 
-    __slots__ = ("max_fingerprints", "slow_threshold_ms", "_entries", "_queries", "_durations",
-                 "_slow_ring", "_slow_counts", "_evicted", "_reset_at", "_clock")
+    __slots__ = ("max_fingerprints", "slow_threshold_ms", "_entries", "_scopes",
+                 "_slow_ring", "_evicted", "_reset_at", "_clock")
 
     def __init__(self, max_fingerprints: int = 5000, slow_threshold_ms: float = 500.0,
                  slow_ring: int = 200, *, clock: Callable[[], float] = time.time) -> None:
@@ -244,22 +262,33 @@ class QueryStats:
         self.max_fingerprints = max_fingerprints
         self.slow_threshold_ms = float(slow_threshold_ms)
         self._entries: dict[str, _Entry] = {}
-        self._queries: dict[tuple[str, str, str, str], int] = {}
-        self._durations: dict[tuple[str, str, str], _Histogram] = {}
+        self._scopes: dict[tuple[str, str], Scope] = {}
         self._slow_ring: deque[SlowQuery] = deque(maxlen=slow_ring)
-        self._slow_counts: dict[tuple[str, str], int] = {}
         self._evicted = 0
         self._reset_at: float | None = None
         self._clock = clock
 
     # -- events ---------------------------------------------------------------------------------
 
+    def scope(self, database: str, user: str) -> Scope:
+        """The counters of (database, user), created on first use (bounded by the pools)."""
+        key = (database, user)
+        found = self._scopes.get(key)
+        if found is None:
+            found = self._scopes[key] = Scope(database, user)
+        return found
+
     def query_finished(self, fp: Fingerprint, *, database: str, user: str, application_name: str,
                        client: str, duration: float, wait: float, rows: int, sqlstate: str | None,
                        now: float | None = None) -> SlowQuery | None:
         """Record one finished statement (seconds). Returns a SlowQuery for the caller to log."""
-        if now is None:
-            now = self._clock()
+        return self.record(fp, self.scope(database, user), application_name, client, duration, wait,
+                           rows, sqlstate, self._clock() if now is None else now)
+
+    def record(self, fp: Fingerprint, scope: Scope, application_name: str, client: str,
+               duration: float, wait: float, rows: int, sqlstate: str | None,
+               now: float) -> SlowQuery | None:
+        """``query_finished`` for the proxy's hot path: positional, with the session's scope."""
         entry = self._entries.get(fp.id)
         if entry is None:
             if len(self._entries) >= self.max_fingerprints:
@@ -283,34 +312,30 @@ class QueryStats:
                 applications.add(application_name)
             else:
                 applications.add(OTHER_APPLICATIONS)
-        if sqlstate is None:
-            status = "ok"
-        else:
-            status = "error"
-            entry.errors += 1
-            entry.last_sqlstate = sqlstate
 
         kind = fp.kind
-        key = (database, user, kind, status)
-        queries = self._queries
-        queries[key] = queries.get(key, 0) + 1
-        hkey = (database, user, kind)
-        histogram = self._durations.get(hkey)
-        if histogram is None:
-            histogram = self._durations[hkey] = _Histogram()
-        histogram.counts[index] += 1
-        histogram.sum += duration
+        stats = scope.kinds.get(kind)
+        if stats is None:
+            stats = scope.kinds[kind] = _KindStats()
+        if sqlstate is None:
+            stats.ok += 1
+        else:
+            stats.errors += 1
+            entry.errors += 1
+            entry.last_sqlstate = sqlstate
+        stats.counts[index] += 1
+        stats.sum += duration
 
         if duration * 1000.0 <= self.slow_threshold_ms:
             return None
         slow = SlowQuery(
             fingerprint=fp.id, normalized=fp.normalized, kind=kind,
-            duration_ms=duration * 1000.0, wait_ms=wait * 1000.0, rows=rows, database=database,
-            user=user, application_name=application_name, client=client, sqlstate=sqlstate, at=now,
+            duration_ms=duration * 1000.0, wait_ms=wait * 1000.0, rows=rows, database=scope.database,
+            user=scope.user, application_name=application_name, client=client, sqlstate=sqlstate,
+            at=now,
         )
         self._slow_ring.append(slow)
-        skey = (database, user)
-        self._slow_counts[skey] = self._slow_counts.get(skey, 0) + 1
+        scope.slow += 1
         return slow
 
     def reset(self) -> None:
@@ -337,13 +362,24 @@ class QueryStats:
         return self._evicted
 
     def snapshot(self) -> StatsSnapshot:
+        queries: dict[tuple[str, str, str, str], int] = {}
+        durations: dict[tuple[str, str, str], HistogramSnapshot] = {}
+        slow: dict[tuple[str, str], int] = {}
+        for scope in self._scopes.values():
+            database, user = scope.database, scope.user
+            for kind, stats in scope.kinds.items():
+                if stats.ok:
+                    queries[(database, user, kind, "ok")] = stats.ok
+                if stats.errors:
+                    queries[(database, user, kind, "error")] = stats.errors
+                counts = stats.counts
+                durations[(database, user, kind)] = HistogramSnapshot(_cumulative(counts), stats.sum, sum(counts))
+            if scope.slow:
+                slow[(database, user)] = scope.slow
         return StatsSnapshot(
-            queries=dict(self._queries),
-            durations={
-                key: HistogramSnapshot(_cumulative(h.counts), h.sum, sum(h.counts))
-                for key, h in self._durations.items()
-            },
-            slow=dict(self._slow_counts),
+            queries=queries,
+            durations=durations,
+            slow=slow,
             evicted=self._evicted,
             fingerprints=len(self._entries),
             bounds=LATENCY_BUCKETS,

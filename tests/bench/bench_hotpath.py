@@ -93,6 +93,9 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
     client.transport = client_transport  # type: ignore[assignment]
     client.pool = pool
     client.desired = pool.intern_settings({})
+    client.database, client.user = "bench", "bench"
+    if listener.stats is not None:
+        client._scope = listener.stats.scope("bench", "bench")  # noqa: SLF001 - set at login normally
     server.applied = client.desired
     client.relay = True
     loads = workloads()
