@@ -248,3 +248,10 @@ def parse_message(name: bytes, rest: bytes) -> bytes:
 
 def close_statement(name: bytes) -> bytes:
     return message(CLOSE, b"S" + name + b"\x00")
+
+
+def rows_in_tag(tag: bytes | bytearray) -> int:
+    """Rows in a CommandComplete tag without its NUL ("SELECT 5", "INSERT 0 3"): the number
+    after the last space, else 0 ("CREATE TABLE")."""
+    digits = tag[tag.rfind(b" ") + 1 :]
+    return int(digits) if digits.isdigit() else 0

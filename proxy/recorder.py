@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .server import rows_in_tag
+from .protocol import rows_in_tag
 
 if TYPE_CHECKING:
     from .fingerprint import Fingerprinter

@@ -76,13 +76,7 @@ READ_ONLY_PARAMS = frozenset(
 
 def tag_rows(buf: bytes | bytearray, pos: int, end: int) -> int:
     """Rows in the CommandComplete message at ``buf[pos:end]`` ("SELECT 5", "INSERT 0 3", ...)."""
-    return rows_in_tag(buf[pos + 5 : end - 1])
-
-
-def rows_in_tag(tag: bytes | bytearray) -> int:
-    """Rows in a command tag without its NUL: the number after the last space, else 0."""
-    digits = tag[tag.rfind(b" ") + 1 :]
-    return int(digits) if digits.isdigit() else 0
+    return pq.rows_in_tag(buf[pos + 5 : end - 1])
 
 
 class Request:
