@@ -7,6 +7,8 @@ from config.settings import Settings
 from proxy.listener import ProxyServer
 
 from . import keys
+from .api import setup_query_api
+from .metrics import setup_metrics
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -33,4 +35,6 @@ def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
     app[keys.SETTINGS] = settings
     app[keys.PROXY] = proxy
     app.router.add_get("/healthz", healthz)
+    setup_metrics(app)
+    setup_query_api(app)
     return app
