@@ -1,8 +1,185 @@
-"""Placeholder: the query API (issue 3)."""
+"""The query API (issue 3): what the proxy has seen, per fingerprint, as JSON.
+
+- ``GET /api/queries/top?by=total_time|calls|mean|p95|errors|rows&limit=N``
+- ``GET /api/queries/slow?limit=N``: most recent first, each with its SQL pretty-printed
+- ``GET /api/queries/{fingerprint}``: one fingerprint's statistics and latency histogram
+- ``POST /api/queries/reset``: admin only (``Authorization: Bearer <agent.admin_token>``; with no
+  token configured, loopback clients only, and the log says so once)
+
+Statements carry normalised text only (``$n`` for every literal): nothing here shows a literal
+value, a bind parameter or a row. Bad parameters get 400 with a JSON message; with statistics
+off (``stats.enabled: false``) every endpoint answers 404 saying so.
+"""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+from typing import Any
+
 from aiohttp import web
+
+from proxy.stats import LATENCY_BUCKETS, TOP_ORDERS, FingerprintSnapshot, QueryStats, SlowQuery, pretty_sql
+
+from . import keys
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 1000
+_PRETTY_MEMO_MAX = 2000
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=_json({"error": message, "status": 400}), content_type="application/json")
+
+
+def _json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc)
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", str(DEFAULT_LIMIT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise _bad_request(f"limit must be an integer between 1 and {MAX_LIMIT}, got {raw!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise _bad_request(f"limit must be an integer between 1 and {MAX_LIMIT}, got {limit}")
+    return limit
+
+
+def _fingerprint_doc(snap: FingerprintSnapshot, *, histogram: bool = False) -> dict[str, Any]:
+    doc = dataclasses.asdict(snap)
+    buckets = doc.pop("buckets")
+    doc["tables"] = list(snap.tables)
+    doc["application_names"] = list(snap.application_names)
+    if histogram:
+        # Cumulative counts per upper bound (seconds), like a Prometheus histogram.
+        doc["histogram"] = [
+            {"le": bound, "count": count} for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), buckets)
+        ]
+    return doc
+
+
+def _slow_doc(slow: SlowQuery, pretty: str) -> dict[str, Any]:
+    doc = dataclasses.asdict(slow)
+    doc["pretty"] = pretty
+    return doc
+
+
+class QueryApi:
+    """The handlers, with their per-app state (no module globals)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.warned_open_admin = False
+        self._pretty: dict[str, str] = {}  # normalised text -> pretty-printed, bounded
+
+    # ------------------------------------------------------------------ helpers
+    def _stats(self) -> QueryStats:
+        stats = self.app[keys.PROXY].query_stats()
+        if stats is None:
+            raise web.HTTPNotFound(
+                text=_json({"error": "query statistics are disabled (stats.enabled: false)", "status": 404}),
+                content_type="application/json",
+            )
+        return stats
+
+    def _require_admin(self, request: web.Request) -> None:
+        token = self.app[keys.SETTINGS].agent.admin_token
+        if token:
+            header = request.headers.get("Authorization", "")
+            scheme, _, presented = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+                raise web.HTTPUnauthorized(
+                    text=_json({"error": "admin endpoint: send Authorization: Bearer <agent.admin_token>",
+                                "status": 401}),
+                    content_type="application/json",
+                    headers={"WWW-Authenticate": 'Bearer realm="pgsidecar"'},
+                )
+            return
+        if not self.warned_open_admin:
+            self.warned_open_admin = True
+            log.warning("admin_endpoints_loopback_only", extra={"hint": "set agent.admin_token to allow remote admins"})
+        if not _is_loopback(request.remote):
+            raise web.HTTPForbidden(
+                text=_json({"error": "admin endpoint: no agent.admin_token is configured, so only loopback "
+                                     "clients may call it", "status": 403}),
+                content_type="application/json",
+            )
+
+    async def _pretty_all(self, texts: list[str]) -> list[str]:
+        memo = self._pretty
+        missing = [t for t in dict.fromkeys(texts) if t not in memo]
+        if missing:
+            # sqlparse is slow (tens of µs per character): off the event loop the proxy runs on.
+            done = await asyncio.to_thread(lambda: [pretty_sql(t) for t in missing])
+            if len(memo) + len(done) > _PRETTY_MEMO_MAX:
+                memo.clear()
+            memo.update(zip(missing, done))
+        return [memo.get(t, t) for t in texts]
+
+    # ------------------------------------------------------------------ handlers
+    async def top(self, request: web.Request) -> web.Response:
+        by = request.query.get("by", "total_time")
+        if by not in TOP_ORDERS:
+            raise _bad_request(f"by must be one of {', '.join(TOP_ORDERS)}, got {by!r}")
+        limit = _limit(request)
+        stats = self._stats()
+        rows = stats.top(by, limit)
+        return web.json_response({"by": by, "limit": limit, "fingerprints": len(stats),
+                                  "queries": [_fingerprint_doc(r) for r in rows]})
+
+    async def slow(self, request: web.Request) -> web.Response:
+        limit = _limit(request)
+        stats = self._stats()
+        items = stats.slow(limit)
+        pretty = await self._pretty_all([s.normalized for s in items])
+        return web.json_response({
+            "threshold_ms": stats.slow_threshold_ms,
+            "queries": [_slow_doc(s, p) for s, p in zip(items, pretty)],
+        })
+
+    async def one(self, request: web.Request) -> web.Response:
+        fingerprint = request.match_info["fingerprint"]
+        if not fingerprint.isalnum() or len(fingerprint) > 64:
+            raise _bad_request(f"not a fingerprint id: {fingerprint[:80]!r}")
+        snap = self._stats().get(fingerprint)
+        if snap is None:
+            raise web.HTTPNotFound(
+                text=_json({"error": f"no statistics for fingerprint {fingerprint}", "status": 404}),
+                content_type="application/json",
+            )
+        doc = _fingerprint_doc(snap, histogram=True)
+        doc["pretty"] = (await self._pretty_all([snap.normalized]))[0]
+        return web.json_response(doc)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        stats = self._stats()
+        forgotten = len(stats)
+        stats.reset()
+        log.info("query_stats_reset", extra={"fingerprints": forgotten, "by": request.remote})
+        return web.json_response({"reset": True, "fingerprints_forgotten": forgotten})
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 def setup_query_api(app: web.Application) -> None:
     """Register /api/queries/*."""
+    api = QueryApi(app)
+    app.router.add_get("/api/queries/top", api.top)
+    app.router.add_get("/api/queries/slow", api.slow)
+    app.router.add_post("/api/queries/reset", api.reset)
+    app.router.add_get("/api/queries/{fingerprint}", api.one)

@@ -16,18 +16,20 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _json_errors(app: web.Application, handler):  # type: ignore[no-untyped-def]
-    async def middleware(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return web.json_response(
-                {"error": exc.reason, "status": exc.status, "path": request.path}, status=exc.status
-            )
-
-    return middleware
+@web.middleware
+async def _json_errors(request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    """Every error answer is JSON: {"error": message, "status": code}."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        if exc.content_type == "application/json" and exc.text:
+            return web.Response(status=exc.status, text=exc.text, content_type="application/json", headers=headers)
+        return web.json_response(
+            {"error": exc.reason, "status": exc.status, "path": request.path}, status=exc.status, headers=headers
+        )
 
 
 def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:

@@ -209,6 +209,8 @@ class ServerConnection(asyncio.Protocol):
         "_authenticated",
         "plain",
         "rows",
+        "tags",
+        "data_rows",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -238,7 +240,11 @@ class ServerConnection(asyncio.Protocol):
         # Everything pending is the client's own (FORWARD): no injected, internal or synthetic
         # request since the connection was last idle. Enables the fast path of data_received.
         self.plain = True
-        self.rows = 0  # rows the client's current statement returned or changed (measured clients)
+        # What the client's current statement returned or changed (measured clients only): the
+        # CommandComplete counts when there were any, else the DataRows (a suspended portal).
+        self.rows = 0
+        self.tags = 0
+        self.data_rows = 0
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -270,11 +276,14 @@ class ServerConnection(asyncio.Protocol):
         t = 0
         zs = 0
         last_c = -1
+        data_rows = 0
         while pos < n:
             t = data[pos]
-            if t == _E or t == _S:
+            if t == _D:
+                data_rows += 1
+            elif t == _E or t == _S:
                 return False
-            if t == _Z:
+            elif t == _Z:
                 zs += 1
             elif t == _C:
                 if last_c >= 0:
@@ -291,13 +300,14 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = time.monotonic()
         client.write(data)
         if client.measure:
-            if last_c < 0:
-                client.statement_done(self.rows)
-            elif not self.rows:  # the usual case: the tag goes as it is, read off the relay path
+            if last_c >= 0 and not self.tags:  # the usual case: the tag goes as it is, read later
                 client.statement_done(data[last_c + 5 : last_c + unpack(data, last_c + 1)[0]])
             else:
-                client.statement_done(self.rows + tag_rows(data, last_c, last_c + 1 + unpack(data, last_c + 1)[0]))
-            self.rows = 0
+                if last_c >= 0:
+                    self.rows += tag_rows(data, last_c, last_c + 1 + unpack(data, last_c + 1)[0])
+                    self.tags += 1
+                client.statement_done(self.rows if self.tags else self.data_rows + data_rows)
+            self.rows = self.tags = self.data_rows = 0
         if self.client is client:
             client.server_ready(self.txn)
         return True
@@ -469,7 +479,8 @@ class ServerConnection(asyncio.Protocol):
             done = False
             fwd = forward
             if t == _D:
-                pass
+                if measure:
+                    self.data_rows += 1
             elif t == _Z:
                 self.txn = buf[pos + 5]
                 self.skipping = False
@@ -478,6 +489,7 @@ class ServerConnection(asyncio.Protocol):
                 done = head is not None and head.kind == K_EXECUTE
                 if measure and fwd and t == _C:
                     self.rows += tag_rows(buf, pos, end)
+                    self.tags += 1
             elif t == _T:
                 done = head is not None and head.kind == K_DESCRIBE
             elif t == _1 or t == _2 or t == _3 or t == _n or t == _s:
@@ -539,8 +551,8 @@ class ServerConnection(asyncio.Protocol):
                 elif t == _Z:
                     ready = True
                     if measure:
-                        rows = self.rows
-                        self.rows = 0
+                        rows = self.rows if self.tags else self.data_rows
+                        self.rows = self.tags = self.data_rows = 0
                         client.statement_done(rows)  # type: ignore[union-attr]
                 if pending and pending[0].action == SYNTH:
                     if run >= 0:

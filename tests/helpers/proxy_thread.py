@@ -74,6 +74,22 @@ class RunningProxy:
         out.update(overrides)
         return out
 
+    @property
+    def user(self) -> str:
+        return self.upstream.user or "postgres"
+
+    @property
+    def database(self) -> str:
+        return self.upstream.database or "postgres"
+
+    def asyncpg_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """asyncpg.connect keyword arguments for a connection through the proxy."""
+        kw = self.kwargs()
+        kw["database"] = kw.pop("dbname")
+        kw.update(ssl=False, timeout=10)
+        kw.update(overrides)
+        return kw
+
     def stop(self) -> None:
         try:
             self.call(self.server.stop(), timeout=15)
