@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.explain import Plan
 from proxy.stats import LATENCY_BUCKETS, TOP_ORDERS, FingerprintSnapshot, QueryStats, SlowQuery, pretty_sql
 
 from . import keys
@@ -65,10 +66,18 @@ def _fingerprint_doc(snap: FingerprintSnapshot, *, histogram: bool = False) -> d
     return doc
 
 
-def _slow_doc(slow: SlowQuery, pretty: str) -> dict[str, Any]:
+def _slow_doc(slow: SlowQuery, pretty: str, plan: dict[str, Any] | None) -> dict[str, Any]:
     doc = dataclasses.asdict(slow)
     doc["pretty"] = pretty
+    doc["plan"] = plan
     return doc
+
+
+def _plan_doc(plan: Plan | None) -> dict[str, Any] | None:
+    """The captured EXPLAIN of a fingerprint (slow_query.explain), or None."""
+    if plan is None:
+        return None
+    return {"captured_at": plan.captured_at, "plan": plan.plan, "error": plan.error}
 
 
 class QueryApi:
@@ -112,6 +121,10 @@ class QueryApi:
                 content_type="application/json",
             )
 
+    def _plan(self, fingerprint: str) -> dict[str, Any] | None:
+        explainer = self.app[keys.PROXY].explainer
+        return None if explainer is None else _plan_doc(explainer.plan(fingerprint))
+
     async def _pretty_all(self, texts: list[str]) -> list[str]:
         memo = self._pretty
         missing = [t for t in dict.fromkeys(texts) if t not in memo]
@@ -141,7 +154,7 @@ class QueryApi:
         pretty = await self._pretty_all([s.normalized for s in items])
         return web.json_response({
             "threshold_ms": stats.slow_threshold_ms,
-            "queries": [_slow_doc(s, p) for s, p in zip(items, pretty)],
+            "queries": [_slow_doc(s, p, self._plan(s.fingerprint)) for s, p in zip(items, pretty)],
         })
 
     async def one(self, request: web.Request) -> web.Response:
@@ -156,6 +169,7 @@ class QueryApi:
             )
         doc = _fingerprint_doc(snap, histogram=True)
         doc["pretty"] = (await self._pretty_all([snap.normalized]))[0]
+        doc["plan"] = self._plan(fingerprint)
         return web.json_response(doc)
 
     async def reset(self, request: web.Request) -> web.Response:

@@ -122,6 +122,7 @@ _RULES: dict[str, _Rule] = {
     "stats.max_fingerprints": _int_at_least(1),
     "slow_query.threshold_ms": _number_at_least(0),
     "slow_query.ring_size": _int_at_least(1),
+    "slow_query.explain_interval_s": _positive_number(),
 }
 
 

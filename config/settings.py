@@ -90,6 +90,7 @@ class SlowQuerySettings:
     threshold_ms: float = 500.0
     ring_size: int = 200
     explain: bool = False
+    explain_interval_s: float = 300.0  # at most one EXPLAIN per fingerprint in this many seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .auth import ClientVerifier, UserSecret, make_verifier
 from .client import ClientSession
 from .errors import ProxyError
+from .explain import Explainer
 from .fingerprint import Fingerprinter
 from .pool import Pool, PoolSnapshot
 from .recorder import Recorder
@@ -71,13 +72,18 @@ class ProxyServer:
         self.fingerprinter = Fingerprinter()
         self.stats: QueryStats | None = None
         self.recorder: Recorder | None = None
+        self.explainer: Explainer | None = None
         if settings.stats.enabled:
             self.stats = QueryStats(
                 max_fingerprints=settings.stats.max_fingerprints,
                 slow_threshold_ms=settings.slow_query.threshold_ms,
                 slow_ring=settings.slow_query.ring_size,
             )
-            self.recorder = Recorder(self.stats, self.fingerprinter)
+            if settings.slow_query.explain:
+                self.explainer = Explainer(
+                    settings.slow_query.explain_interval_s, lambda db, user: self.pool_for(db, user).endpoint
+                )
+            self.recorder = Recorder(self.stats, self.fingerprinter, explainer=self.explainer)
 
     # ------------------------------------------------------------------ setup
     def _load_users(self) -> dict[str, UserSecret]:
@@ -175,6 +181,8 @@ class ProxyServer:
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and any(s.server is not None for s in self.sessions.values()):
                 await asyncio.sleep(0.05)
+        if self.explainer is not None:
+            await self.explainer.close()
         err = ProxyError.shutting_down()
         for session in list(self.sessions.values()) + list(self.pending_sessions):
             session.fail(err)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .protocol import rows_in_tag
 
 if TYPE_CHECKING:
+    from .explain import Explainer
     from .fingerprint import Fingerprinter
     from .stats import QueryStats, Scope, SlowQuery
 
@@ -31,12 +32,13 @@ Finished = tuple[bytes, str, "Scope", str, str, float, float, "int | bytes", "st
 class Recorder:
     """One per proxy; used from the proxy's event loop only."""
 
-    __slots__ = ("stats", "fingerprinter", "delay", "max_batch", "pending", "_timer", "failures")
+    __slots__ = ("stats", "fingerprinter", "explainer", "delay", "max_batch", "pending", "_timer", "failures")
 
-    def __init__(self, stats: QueryStats, fingerprinter: Fingerprinter, *, delay: float = 0.02,
-                 max_batch: int = 256) -> None:
+    def __init__(self, stats: QueryStats, fingerprinter: Fingerprinter, *, explainer: Explainer | None = None,
+                 delay: float = 0.02, max_batch: int = 256) -> None:
         self.stats = stats
         self.fingerprinter = fingerprinter
+        self.explainer = explainer
         self.delay = delay
         self.max_batch = max_batch
         self.pending: list[Finished] = []
@@ -66,8 +68,8 @@ class Recorder:
         for sql, encoding, scope, application_name, client, duration, waited, rows, sqlstate in batch:
             try:
                 count = rows_in_tag(rows) if isinstance(rows, bytes) else rows
-                slow = record(of_bytes(sql, encoding), scope, application_name, client, duration, waited,
-                              count, sqlstate, now)
+                fp = of_bytes(sql, encoding)
+                slow = record(fp, scope, application_name, client, duration, waited, count, sqlstate, now)
             except Exception:  # noqa: BLE001 - a bug here must not cost the other statements
                 self.failures += 1
                 if self.failures <= 10:
@@ -75,6 +77,8 @@ class Recorder:
                 continue
             if slow is not None:
                 _log_slow(slow)
+                if self.explainer is not None:
+                    self.explainer.consider(fp, scope.database, scope.user)
 
 
 def _log_slow(slow: SlowQuery) -> None:

@@ -257,3 +257,51 @@ def test_statement_timing_is_client_observed(proxy: RunningProxy) -> None:
         elapsed_ms = (time.monotonic() - start) * 1000
     nap = _one(proxy, "pg_sleep($1), $2")
     assert 200 <= nap.total_ms <= elapsed_ms
+
+
+# ----------------------------------------------------------------------------- EXPLAIN of slow SELECTs
+
+
+def _explained(proxy: RunningProxy, fragment: str) -> Any:
+    def read() -> Any:
+        stats = proxy.server.query_stats()
+        found = [s for s in stats.top("calls", 1000) if fragment in s.normalized]
+        assert len(found) == 1, found
+        return found[0].id, proxy.server.explainer.plan(found[0].id)
+
+    proxy.run(lambda: proxy.server.query_stats())  # flush: slow statements start their EXPLAIN
+    proxy.call(proxy.server.explainer.wait())
+    return proxy.run(read)
+
+
+def test_slow_select_gets_a_generic_plan_once_per_interval(proxy_factory: Any, table: str, direct: Any) -> None:
+    proxy = proxy_factory(slow_query__threshold_ms=100, slow_query__explain=True)
+    with psycopg.connect(**proxy.kwargs(), autocommit=True) as conn:
+        conn.execute(f"insert into {table} select g, 'v' || g from generate_series(1, 100) g")
+        query = f"select v, pg_sleep(0.15) from {table} where id = %s and v <> 'secret-literal'"
+        conn.execute(query.replace("%s", "5"))  # simple protocol, literal in the text
+        fid, plan = _explained(proxy, f"from {table} where id = $2")
+        assert plan is not None and plan.error is None, plan
+        root = plan.plan[0]["Plan"]
+        assert root["Relation Name"] == table or table in json.dumps(root)
+        assert "secret-literal" not in json.dumps(plan.plan)  # only the normalised text was explained
+        captured = proxy.server.explainer.captured
+        conn.execute(query.replace("%s", "6"))  # slow again, within the interval: not explained again
+        _explained(proxy, f"from {table} where id = $2")
+        assert proxy.server.explainer.captured == captured
+        conn.execute(f"update {table} set v = v where id = 1 and pg_sleep(0.15) is not null")  # slow write
+    proxy.run(lambda: proxy.server.query_stats())
+    proxy.call(proxy.server.explainer.wait())
+    assert proxy.server.explainer.captured == captured  # writes are never explained
+    assert len(proxy.run(lambda: proxy.server.query_stats().slow(10))) == 3
+    agent = RunningAgent(proxy)
+    try:
+        status, doc = agent.json("GET", f"/api/queries/{fid}")
+        assert status == 200 and doc["plan"]["plan"][0]["Plan"]
+        status, slow = agent.json("GET", "/api/queries/slow")
+        assert any(q["plan"] for q in slow["queries"])
+    finally:
+        agent.stop()
+    # The EXPLAIN ran on its own connection, named so, and is gone.
+    assert direct().execute(
+        "select count(*) from pg_stat_activity where application_name = 'pgsidecar-explain'").fetchone() == (0,)
