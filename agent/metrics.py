@@ -1,8 +1,323 @@
-"""Placeholder: replaced by the metrics module (issue 3)."""
+"""Prometheus metrics of one agent app: the catalogue, the collectors and ``GET /metrics``.
+
+``setup_metrics(app)`` builds a ``CollectorRegistry`` for this app only (``keys.REGISTRY``; no
+global registry, so two proxies and two agents can live in one process) and registers:
+
+- ``ProxyCollector``: reads ``ProxyServer.snapshot()`` and ``query_stats().snapshot()`` at scrape
+  time (CONVENTIONS habit 10): queries per (database, user, kind, status), their duration
+  histograms, slow statements, pool and client connection states, checkout waits.
+- ``ProcessCollector`` (prometheus_client, ``process_*``) and ``ProcessDetailCollector`` (psutil:
+  threads, open fds, CPU percent).
+- ``LoopLagMonitor`` (``keys.LOOP_LAG``): a task, run by one ``cleanup_ctx``, that sleeps
+  ``LOOP_LAG_INTERVAL`` and records how late it woke up: the time anything else on the loop the
+  proxy shares with the agent (relay, pools, handlers) held it.
+- an HTTP middleware counting requests per (method, route pattern, status) and timing them.
+
+The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
+
+- proxy: ``pgsidecar_build_info{version}``, ``pgsidecar_start_time_seconds``
+- queries (absent with ``stats.enabled: false``): ``pgsidecar_queries_total{database,user,kind,status}``,
+  ``pgsidecar_query_duration_seconds{database,user,kind}`` (histogram, ``LATENCY_BUCKETS``),
+  ``pgsidecar_slow_queries_total{database,user}``, ``pgsidecar_query_fingerprints``,
+  ``pgsidecar_query_fingerprints_evicted_total``
+- pools, each ``{pool,database,user}``: ``pgsidecar_pool_server_connections{state}`` (active, idle,
+  connecting; overflow and pinned overlap with those), ``pgsidecar_pool_size``,
+  ``pgsidecar_pool_max_overflow``, ``pgsidecar_pool_waiting_clients``,
+  ``pgsidecar_pool_checkout_wait_seconds`` (histogram, ``CHECKOUT_BUCKETS``),
+  ``pgsidecar_pool_checkout_timeouts_total``, ``pgsidecar_pool_server_connections_opened_total``,
+  ``pgsidecar_pool_server_connections_closed_total``, ``pgsidecar_pool_server_errors_total``,
+  ``pgsidecar_pool_pinned_clients_total{reason}``
+- clients: ``pgsidecar_client_connections{state}`` (active, idle, waiting; pinned overlaps),
+  ``pgsidecar_client_connections_accepted_total``, ``pgsidecar_client_connections_rejected_total``
+- process: ``process_*`` (prometheus_client), ``pgsidecar_process_threads``,
+  ``pgsidecar_process_open_fds``, ``pgsidecar_process_cpu_percent``
+- event loop: ``pgsidecar_event_loop_lag_seconds`` (last), and the histogram
+  ``pgsidecar_event_loop_lag_distribution_seconds`` (not ``..._histogram_seconds``: promtool
+  rejects a type in a metric name)
+- agent HTTP: ``pgsidecar_http_requests_total{method,endpoint,status}``,
+  ``pgsidecar_http_request_duration_seconds{method,endpoint}``
+
+Labels are bounded: database and user (one pool each), statement kind, pool name, route pattern
+(``/api/queries/{fingerprint}``, never the raw path; "unmatched" for unknown paths), method
+(unknown methods are "other"). Never SQL text or a fingerprint.
+
+The answer is Prometheus text format, or OpenMetrics when the Accept header asks for
+``application/openmetrics-text`` (prometheus_client's ``choose_encoder`` negotiates).
+"""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib.metadata
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from itertools import accumulate
+
+import psutil  # type: ignore[import-untyped]
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
+
+from proxy.listener import ProxyServer
+from proxy.pool import CHECKOUT_BUCKETS
+
+from . import keys
+
+#: Seconds the event-loop monitor sleeps between measurements.
+LOOP_LAG_INTERVAL = 0.25
+#: Upper bounds (seconds) of the event-loop lag histogram.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: HTTP methods kept as label values; anything else a client sends is counted as "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _buckets(bounds: tuple[float, ...], cumulative: tuple[int, ...]) -> list[tuple[str, float]]:
+    """(le, cumulative count) pairs for a HistogramMetricFamily: the bounds, then +Inf."""
+    les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+    if len(cumulative) != len(les):
+        raise ValueError(f"{len(cumulative)} bucket counts for {len(les)} bounds (+Inf included)")
+    return list(zip(les, (float(c) for c in cumulative)))
+
+
+class ProxyCollector:
+    """The proxy's queries, pools and clients, read from its snapshots at scrape time.
+
+    Runs on the loop the proxy runs on (the agent shares it): the snapshots are not thread-safe.
+    """
+
+    def __init__(self, proxy: ProxyServer, version: str) -> None:
+        self.proxy = proxy
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._proxy()
+        yield from self._queries()
+
+    def _proxy(self) -> Iterator[Metric]:
+        snap = self.proxy.snapshot()
+
+        info = GaugeMetricFamily("pgsidecar_build_info", "pgsidecar version (always 1).", labels=["version"])
+        info.add_metric([self.version], 1.0)
+        yield info
+        yield GaugeMetricFamily("pgsidecar_start_time_seconds", "Unix time the proxy was started.",
+                                value=snap.started_at)
+
+        clients = snap.clients
+        states = GaugeMetricFamily(
+            "pgsidecar_client_connections",
+            "Client connections by state: active (holds a server connection), idle, waiting (for a "
+            "server connection); pinned ones are also counted as active or idle.",
+            labels=["state"])
+        for state, value in (("active", clients.active), ("idle", clients.idle),
+                             ("waiting", clients.waiting), ("pinned", clients.pinned)):
+            states.add_metric([state], value)
+        yield states
+        yield CounterMetricFamily("pgsidecar_client_connections_accepted", "Client connections accepted.",
+                                  value=clients.accepted)
+        yield CounterMetricFamily("pgsidecar_client_connections_rejected",
+                                  "Client connections refused at proxy.max_client_connections.",
+                                  value=clients.rejected)
+
+        labels = ["pool", "database", "user"]
+        servers = GaugeMetricFamily(
+            "pgsidecar_pool_server_connections",
+            "Server connections by state: active (lent to a client), idle, connecting; overflow "
+            "(open beyond pool.size) and pinned (held for one client's session) overlap with those.",
+            labels=[*labels, "state"])
+        size = GaugeMetricFamily("pgsidecar_pool_size", "Configured pool.size.", labels=labels)
+        overflow = GaugeMetricFamily("pgsidecar_pool_max_overflow", "Configured pool.max_overflow.", labels=labels)
+        waiting = GaugeMetricFamily("pgsidecar_pool_waiting_clients",
+                                    "Clients queued for a server connection.", labels=labels)
+        wait = HistogramMetricFamily("pgsidecar_pool_checkout_wait_seconds",
+                                     "Time clients waited for a server connection.", labels=labels)
+        timeouts = CounterMetricFamily("pgsidecar_pool_checkout_timeouts",
+                                       "Checkouts that gave up after pool.checkout_timeout.", labels=labels)
+        opened = CounterMetricFamily("pgsidecar_pool_server_connections_opened",
+                                     "Server connections opened.", labels=labels)
+        closed = CounterMetricFamily("pgsidecar_pool_server_connections_closed",
+                                     "Server connections closed.", labels=labels)
+        errors = CounterMetricFamily("pgsidecar_pool_server_errors",
+                                     "Server connections that failed (connect, check, reset or I/O).",
+                                     labels=labels)
+        pins = CounterMetricFamily("pgsidecar_pool_pinned_clients",
+                                   "Clients pinned to one server connection, by reason.",
+                                   labels=[*labels, "reason"])
+        for pool in snap.pools:
+            names = [pool.name, pool.database, pool.user]
+            for state, value in (("active", pool.active), ("idle", pool.idle), ("overflow", pool.overflow),
+                                 ("pinned", pool.pinned), ("connecting", pool.connecting)):
+                servers.add_metric([*names, state], value)
+            size.add_metric(names, pool.size)
+            overflow.add_metric(names, pool.max_overflow)
+            waiting.add_metric(names, pool.waiting)
+            wait.add_metric(names, _buckets(CHECKOUT_BUCKETS, pool.checkout_wait_buckets), pool.checkout_wait_sum)
+            timeouts.add_metric(names, pool.checkout_timeouts)
+            opened.add_metric(names, pool.servers_opened)
+            closed.add_metric(names, pool.servers_closed)
+            errors.add_metric(names, pool.server_errors)
+            for reason, count in sorted(pool.pin_reasons.items()):
+                pins.add_metric([*names, reason], count)
+        yield from (servers, size, overflow, waiting, wait, timeouts, opened, closed, errors, pins)
+
+    def _queries(self) -> Iterator[Metric]:
+        stats = self.proxy.query_stats()
+        if stats is None:  # stats.enabled: false
+            return
+        snap = stats.snapshot()
+        queries = CounterMetricFamily("pgsidecar_queries", "Statements finished, by kind and status (ok, error).",
+                                      labels=["database", "user", "kind", "status"])
+        for labels, count in sorted(snap.queries.items()):
+            queries.add_metric(list(labels), count)
+        yield queries
+        durations = HistogramMetricFamily("pgsidecar_query_duration_seconds",
+                                          "Statement duration, from the client's request to ReadyForQuery.",
+                                          labels=["database", "user", "kind"])
+        for labels3, hist in sorted(snap.durations.items()):
+            durations.add_metric(list(labels3), _buckets(snap.bounds, hist.buckets), hist.sum)
+        yield durations
+        slow = CounterMetricFamily("pgsidecar_slow_queries", "Statements over slow_query.threshold_ms.",
+                                   labels=["database", "user"])
+        for labels2, count in sorted(snap.slow.items()):
+            slow.add_metric(list(labels2), count)
+        yield slow
+        yield GaugeMetricFamily("pgsidecar_query_fingerprints", "Query fingerprints with statistics kept.",
+                                value=snap.fingerprints)
+        yield CounterMetricFamily("pgsidecar_query_fingerprints_evicted",
+                                  "Fingerprints forgotten at stats.max_fingerprints.", value=snap.evicted)
+
+
+class ProcessDetailCollector:
+    """What prometheus_client's ProcessCollector leaves out, from psutil (one Process object,
+    so ``cpu_percent`` measures from one scrape to the next)."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.process.cpu_percent(None)  # the first call only sets the reference point
+
+    def collect(self) -> Iterator[Metric]:
+        process = self.process
+        with process.oneshot():
+            yield GaugeMetricFamily("pgsidecar_process_threads", "Threads of the process.",
+                                    value=process.num_threads())
+            if hasattr(process, "num_fds"):  # POSIX only
+                yield GaugeMetricFamily("pgsidecar_process_open_fds", "Open file descriptors.",
+                                        value=process.num_fds())
+            yield GaugeMetricFamily("pgsidecar_process_cpu_percent",
+                                    "CPU use since the previous scrape, in percent of one CPU.",
+                                    value=process.cpu_percent(None))
+
+
+class LoopLagMonitor:
+    """How late a sleep on the event loop wakes up: the last value and a histogram."""
+
+    __slots__ = ("interval", "last", "counts", "sum", "count")
+
+    def __init__(self, interval: float = LOOP_LAG_INTERVAL) -> None:
+        self.interval = interval
+        self.last: float | None = None
+        self.counts = [0] * (len(LOOP_LAG_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, lag: float) -> None:
+        self.last = lag
+        self.sum += lag
+        self.count += 1
+        for i, bound in enumerate(LOOP_LAG_BUCKETS):
+            if lag <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    async def run(self) -> None:
+        # perf_counter, not loop.time(): uvloop's clock ticks in milliseconds and is read once per
+        # loop iteration, which would hide exactly the sub-millisecond lags worth seeing.
+        clock = time.perf_counter
+        while True:
+            start = clock()
+            await asyncio.sleep(self.interval)
+            self.observe(max(0.0, clock() - start - self.interval))
+
+    def collect(self) -> Iterator[Metric]:
+        if self.last is not None:  # absent until measured once
+            yield GaugeMetricFamily("pgsidecar_event_loop_lag_seconds",
+                                    "How late the last event-loop wake-up was.", value=self.last)
+        hist = HistogramMetricFamily("pgsidecar_event_loop_lag_distribution_seconds",
+                                     f"How late event-loop wake-ups were (one every {self.interval:g} s).")
+        hist.add_metric([], _buckets(LOOP_LAG_BUCKETS, tuple(accumulate(self.counts))), self.sum)
+        yield hist
+
+
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[keys.LOOP_LAG].run(), name="pgsidecar-loop-lag")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _http_middleware(requests: Counter, durations: Histogram) -> Middleware:
+    @web.middleware
+    async def http_metrics(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # the JSON-errors middleware outside turns it into a body
+            record(request, exc.status, start)
+            raise
+        except Exception:  # aiohttp answers 500
+            record(request, 500, start)
+            raise
+        # (A cancelled request, the client gone, is not counted: nobody got an answer.)
+        record(request, response.status, start)
+        return response
+
+    def record(request: web.Request, status: int, start: float) -> None:
+        resource = request.match_info.route.resource  # None: no route matched (404, 405)
+        endpoint = resource.canonical if resource is not None else "unmatched"
+        method = request.method if request.method in HTTP_METHODS else "other"
+        requests.labels(method, endpoint, str(status)).inc()
+        durations.labels(method, endpoint).observe(time.perf_counter() - start)
+
+    return http_metrics
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """``GET /metrics``: text format, or OpenMetrics when asked for in the Accept header."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(request.app[keys.REGISTRY])
+    response = web.Response(body=body, headers={"Content-Type": content_type})
+    response.enable_compression()
+    return response
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pgsidecar")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def setup_metrics(app: web.Application) -> None:
     """Register /metrics, the HTTP metrics middleware and the event-loop lag monitor."""
+    registry = CollectorRegistry()
+    app[keys.REGISTRY] = registry
+    registry.register(ProxyCollector(app[keys.PROXY], _version()))
+    ProcessCollector(registry=registry)
+    registry.register(ProcessDetailCollector())
+    monitor = app[keys.LOOP_LAG] = LoopLagMonitor()
+    registry.register(monitor)
+    app.cleanup_ctx.append(_loop_lag_ctx)
+
+    requests = Counter("pgsidecar_http_requests_total", "Agent HTTP requests by route pattern and status.",
+                       ["method", "endpoint", "status"], registry=registry)
+    durations = Histogram("pgsidecar_http_request_duration_seconds", "Agent HTTP request duration.",
+                          ["method", "endpoint"], registry=registry)
+    app.middlewares.append(_http_middleware(requests, durations))
+    app.router.add_get("/metrics", metrics_handler)

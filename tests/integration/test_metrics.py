@@ -1,0 +1,248 @@
+"""GET /metrics of the agent, in front of a real proxy and a real PostgreSQL.
+
+The agent runs on the proxy's own event loop (as ``pgsidecar run`` does) and is scraped over
+HTTP from the test thread; the answer is read back with prometheus_client's parsers and, where
+it is installed, checked by ``promtool check metrics``.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.samples import Sample
+
+from agent import keys
+from agent.app import create_app
+from tests.helpers.agent_http import RunningAgent
+from tests.helpers.proxy_thread import RunningProxy
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+@pytest.fixture
+def agent(proxy: RunningProxy) -> Iterator[RunningAgent]:
+    running = RunningAgent(proxy)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def table(direct: Any) -> Iterator[str]:
+    name = f"metrics_{uuid.uuid4().hex[:8]}"
+    d = direct()
+    d.execute(f"create table {name} (id int primary key)")
+    yield name
+    d.execute(f"drop table if exists {name}")
+
+
+def _connect(proxy: RunningProxy) -> psycopg.Connection[Any]:
+    # No server-side prepares: one execute is exactly one statement the proxy times.
+    return psycopg.connect(**proxy.kwargs(), autocommit=True, prepare_threshold=None, connect_timeout=10)
+
+
+def _scrape_text(agent: RunningAgent, **headers: str) -> str:
+    status, got, body = agent.request("GET", "/metrics", headers=headers)
+    assert status == 200, body[:500]
+    return body.decode()
+
+
+def _samples(text: str) -> list[Sample]:
+    return [s for family in parse_text(text) for s in family.samples]
+
+
+def _find(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
+    return [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def _value(samples: list[Sample], name: str, **labels: str) -> float:
+    found = _find(samples, name, **labels)
+    assert len(found) == 1, (name, labels, found)
+    return found[0].value
+
+
+def test_queries_pools_and_clients_from_real_traffic(proxy: RunningProxy, agent: RunningAgent, table: str,
+                                                     direct: Any) -> None:
+    with _connect(proxy) as conn:
+        for n in range(5):
+            assert conn.execute("select generate_series(1, %s)", (n + 1,)).fetchall()[-1] == (n + 1,)
+        for n in range(2):
+            conn.execute(f"insert into {table} (id) values (%s)", (n,))
+        with pytest.raises(psycopg.errors.DivisionByZero) as err:
+            conn.execute("select 1/0")
+        assert err.value.sqlstate == "22012"
+        # The server has the rows the client inserted.
+        assert direct().execute(f"select count(*) from {table}").fetchone() == (2,)
+
+        samples = _samples(_scrape_text(agent))
+
+    db, user = proxy.database, proxy.user
+    scope = {"database": db, "user": user}
+    selects = _value(samples, "pgsidecar_queries_total", **scope, kind="select", status="ok")
+    assert selects >= 5
+    assert _value(samples, "pgsidecar_queries_total", **scope, kind="insert", status="ok") == 2
+    failed = _value(samples, "pgsidecar_queries_total", **scope, kind="select", status="error")
+    assert failed >= 1
+    assert not _find(samples, "pgsidecar_queries_total", kind="insert", status="error")
+
+    # Duration histograms: one observation per statement of the kind, cumulative buckets.
+    for kind, expected in (("select", selects + failed), ("insert", 2)):
+        labels = {**scope, "kind": kind}
+        count = _value(samples, "pgsidecar_query_duration_seconds_count", **labels)
+        assert count == expected
+        buckets = _find(samples, "pgsidecar_query_duration_seconds_bucket", **labels)
+        values = [b.value for b in buckets]
+        assert values == sorted(values) and buckets[-1].labels["le"] == "+Inf" and values[-1] == count
+        assert _value(samples, "pgsidecar_query_duration_seconds_sum", **labels) > 0
+
+    # Pools: one (database, user) pool sized as configured, with the connections it opened.
+    pool = {"pool": f"{db}/{user}", **scope}
+    assert _value(samples, "pgsidecar_pool_size", **pool) == proxy.settings.pool.size == 3
+    assert _value(samples, "pgsidecar_pool_max_overflow", **pool) == proxy.settings.pool.max_overflow
+    servers = {s.labels["state"]: s.value for s in _find(samples, "pgsidecar_pool_server_connections", **pool)}
+    assert set(servers) == {"active", "idle", "overflow", "pinned", "connecting"}
+    assert servers["idle"] + servers["active"] > 0
+    assert _value(samples, "pgsidecar_pool_server_connections_opened_total", **pool) >= 1
+    assert _value(samples, "pgsidecar_pool_waiting_clients", **pool) == 0
+    # Every statement checked a server connection out (transaction mode).
+    assert _value(samples, "pgsidecar_pool_checkout_wait_seconds_count", **pool) >= 8
+
+    # Clients: ours, connected and between statements.
+    clients = {s.labels["state"]: s.value for s in _find(samples, "pgsidecar_client_connections")}
+    assert clients == {"active": 0, "idle": 1, "waiting": 0, "pinned": 0}
+    assert _value(samples, "pgsidecar_client_connections_accepted_total") >= 1
+    assert _value(samples, "pgsidecar_client_connections_rejected_total") == 0
+
+    (info,) = _find(samples, "pgsidecar_build_info")
+    assert info.value == 1 and info.labels["version"]
+    assert 0 < _value(samples, "pgsidecar_start_time_seconds") <= time.time()
+    assert _value(samples, "pgsidecar_process_threads") >= 1
+    assert _value(samples, "process_resident_memory_bytes") > 0
+
+    # Labels carry no SQL text (nor anything of the statements' values).
+    for s in samples:
+        for value in s.labels.values():
+            assert not any(part in value for part in ("generate_series", "1/0", table, "select ")), s
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+def test_promtool_finds_nothing_to_lint(proxy: RunningProxy, agent: RunningAgent) -> None:
+    with _connect(proxy) as conn:
+        conn.execute("select 1")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("select * from no_such_table_here")
+    agent.request("GET", "/healthz")
+    agent.request("GET", "/nope")
+    text = _scrape_text(agent)
+    assert "pgsidecar_query_duration_seconds_bucket" in text  # every family has samples to lint
+    done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "" and done.stderr.strip() == "", done.stdout + done.stderr
+
+
+def test_openmetrics_when_asked_for_and_text_format_otherwise(proxy: RunningProxy, agent: RunningAgent) -> None:
+    with _connect(proxy) as conn:
+        conn.execute("select 1")
+
+    status, headers, body = agent.request("GET", "/metrics", headers={"Accept": OPENMETRICS})
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0"), headers
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in parse_openmetrics(text)}  # strict: raises on malformed input
+    assert families["pgsidecar_queries"].type == "counter"
+    assert families["pgsidecar_query_duration_seconds"].type == "histogram"
+    assert families["pgsidecar_pool_checkout_wait_seconds"].type == "histogram"
+    assert families["pgsidecar_pool_server_connections"].type == "gauge"
+    assert any(s.name == "pgsidecar_queries_total" and s.labels["kind"] == "select" and s.value >= 1
+               for s in families["pgsidecar_queries"].samples)
+
+    status, headers, body = agent.request("GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4"), headers
+    assert "# EOF" not in body.decode()
+
+
+def test_http_requests_are_counted_by_route_pattern(agent: RunningAgent) -> None:
+    assert agent.request("GET", "/healthz")[0] == 200
+    assert agent.request("GET", "/healthz")[0] == 200
+    status, body = agent.json("GET", "/nope")
+    assert status == 404 and body["status"] == 404  # still the JSON error answer
+    # An HTTPException raised by a handler of a matched route.
+    status, body = agent.json("GET", "/api/queries/top?by=bogus")
+    assert status == 400
+
+    samples = _samples(_scrape_text(agent))
+    requests = "pgsidecar_http_requests_total"
+    assert _value(samples, requests, method="GET", endpoint="/healthz", status="200") == 2
+    assert _value(samples, requests, method="GET", endpoint="unmatched", status="404") == 1
+    assert _value(samples, requests, method="GET", endpoint="/api/queries/top", status="400") == 1
+    assert _value(samples, "pgsidecar_http_request_duration_seconds_count", method="GET", endpoint="/healthz") == 2
+    for s in samples:
+        assert not any("/nope" in v or "bogus" in v for v in s.labels.values()), s
+
+
+def test_event_loop_lag_is_measured(proxy: RunningProxy, agent: RunningAgent) -> None:
+    deadline = time.monotonic() + 2.0
+    while True:
+        samples = _samples(_scrape_text(agent))
+        if _find(samples, "pgsidecar_event_loop_lag_seconds") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert _value(samples, "pgsidecar_event_loop_lag_seconds") >= 0
+    assert _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_count") >= 1
+
+    # Block the loop the proxy and the agent share for longer than the monitor's interval: its
+    # next wake-up is at least 0.05 s late (a lower bound that holds however slow the machine).
+    before = _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_sum")
+    proxy.run(time.sleep, 0.3)
+    deadline = time.monotonic() + 2.0
+    while True:
+        samples = _samples(_scrape_text(agent))
+        grown = _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_sum") - before
+        if grown >= 0.04 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert grown >= 0.04
+    assert _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_bucket", le="0.025") < _value(
+        samples, "pgsidecar_event_loop_lag_distribution_seconds_count")
+
+
+def test_stopping_the_app_stops_the_lag_monitor(proxy: RunningProxy) -> None:
+    def monitors() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "pgsidecar-loop-lag"]
+
+    running = RunningAgent(proxy)
+    assert len(proxy.run(monitors)) == 1
+    running.stop()
+    assert proxy.run(monitors) == []
+
+
+def test_stats_disabled_still_serves_metrics_without_query_counters(proxy_factory: Any) -> None:
+    proxy = proxy_factory(stats__enabled=False)
+    agent = RunningAgent(proxy)
+    try:
+        with _connect(proxy) as conn:
+            conn.execute("select 1")
+        samples = _samples(_scrape_text(agent))
+    finally:
+        agent.stop()
+    assert not _find(samples, "pgsidecar_queries_total")
+    assert not _find(samples, "pgsidecar_query_duration_seconds_count")
+    assert _value(samples, "pgsidecar_pool_size", pool=f"{proxy.database}/{proxy.user}") == proxy.settings.pool.size
+
+
+def test_each_app_has_its_own_registry(proxy: RunningProxy) -> None:
+    # A global registry would refuse the second app's HTTP counters (duplicated timeseries).
+    first = create_app(proxy.settings, proxy.server)
+    second = create_app(proxy.settings, proxy.server)
+    assert first[keys.REGISTRY] is not second[keys.REGISTRY]
