@@ -69,7 +69,10 @@ class ProxyServer:
         self.port = settings.proxy.port
         self.host = settings.proxy.host
         # Query observability (issue 3): one fingerprint memo and one statistics store per proxy.
-        self.fingerprinter = Fingerprinter()
+        # The memo must hold an app's whole working set of statement shapes: when it is smaller,
+        # halving it makes every other statement a pglast parse (~100 µs). 50,000 shapes cost
+        # about 10 MB; ten per tracked fingerprint at least.
+        self.fingerprinter = Fingerprinter(max_memo=max(50_000, 10 * settings.stats.max_fingerprints))
         self.stats: QueryStats | None = None
         self.recorder: Recorder | None = None
         self.explainer: Explainer | None = None

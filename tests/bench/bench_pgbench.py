@@ -1,21 +1,22 @@
 """Side-by-side pgbench benchmark: direct PostgreSQL vs pgsidecar vs PgBouncer.
 
 Owns one benchmark run end to end: it creates a dedicated database and fills it with
-``pgbench -i``, starts PgBouncer and pgsidecar (transaction pooling, same pool size) as
-subprocesses on free 127.0.0.1 ports, runs pgbench against the three targets *interleaved*
-(target order rotated every round, so drift in the machine hits all three alike), measures
-the proxies' CPU seconds per 1,000 transactions with psutil, measures single-connection
-``SELECT 1`` latency through each target with psycopg, and writes
+``pgbench -i``, starts PgBouncer, pgsidecar and pgsidecar with query statistics off
+("pgsidecar-nostats", to show what query observability costs: issue 3) as subprocesses on free
+127.0.0.1 ports (transaction pooling, same pool size), runs pgbench against the targets
+*interleaved* (target order rotated every round, so drift in the machine hits all alike),
+measures the proxies' CPU seconds per 1,000 transactions with psutil, measures
+single-connection ``SELECT 1`` latency through each target with psycopg, and writes
 ``tests/bench/results/pgbench-<timestamp>.json`` and ``tests/bench/results/pgbench-latest.md``.
 
 This is a benchmark, not a test (CONVENTIONS habit 14): pytest never collects it and it
 asserts nothing about speed. Run it by hand::
 
-    python tests/bench/bench_pgbench.py --quick          # ~1-2 minutes, checks it works
-    python tests/bench/bench_pgbench.py                  # full run (about 25 minutes)
+    python tests/bench/bench_pgbench.py --quick          # ~2 minutes, checks it works
+    python tests/bench/bench_pgbench.py                  # full run (about 17-18 minutes)
 
 It only talks to 127.0.0.1 and stops by itself: every loop is bounded and every subprocess
-has a timeout; both proxies are stopped in ``finally`` (also on Ctrl-C).
+has a timeout; all proxies are stopped in ``finally`` (also on Ctrl-C).
 """
 from __future__ import annotations
 
@@ -53,15 +54,29 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PGBOUNCER_USER = "pgsidecar"
 MAX_RESTARTS = 3  # per proxy and run, if it goes away mid-benchmark
 
-# name -> extra pgbench arguments
+# name -> extra pgbench arguments; a workload with a script in CUSTOM_SCRIPTS also gets
+# ``-f FILE -D scale=SCALE`` (see workload_args)
 WORKLOADS: dict[str, list[str]] = {
     "select-simple": ["-S", "-M", "simple"],
     "select-extended": ["-S", "-M", "extended"],
     "select-prepared": ["-S", "-M", "prepared"],
     "tpcb-simple": ["-M", "simple"],
+    "distinct-10k": ["-M", "simple"],
 }
-TARGETS = ("direct", "pgsidecar", "pgbouncer")
-PROXIES = ("pgsidecar", "pgbouncer")
+# name -> pgbench custom script, written to the run's temp dir at start. pgbench substitutes
+# ``:n`` textually, so the CTE is named x1 ... x10000: 10,000 statements with distinct
+# fingerprints (the aid literal is normalised away), a miss-heavy load for query statistics.
+# pgbench sets ``:scale`` only for its built-in scripts (it is 1 with -f), hence ``-D scale=N``.
+CUSTOM_SCRIPTS: dict[str, str] = {
+    "distinct-10k": (
+        "\\set n random(1, 10000)\n"
+        "\\set aid random(1, 100000 * :scale)\n"
+        "WITH x:n AS (SELECT abalance FROM pgbench_accounts WHERE aid = :aid) SELECT * FROM x:n;\n"
+    ),
+}
+TARGETS = ("direct", "pgsidecar", "pgsidecar-nostats", "pgbouncer")
+PROXIES = ("pgsidecar", "pgsidecar-nostats", "pgbouncer")
+PROXY_LABELS = {"pgsidecar": "pgsidecar", "pgsidecar-nostats": "pgsidecar-nostats", "pgbouncer": "PgBouncer"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -233,6 +248,7 @@ class Proxy:
 
 class PgSidecar(Proxy):
     name = "pgsidecar"
+    stats_enabled = True  # query observability (issue 3): the default, set explicitly
 
     def start(self, up: Upstream, pool_size: int, timeout: float = 30.0) -> None:
         self.port, http_port = free_port(), free_port()
@@ -242,6 +258,7 @@ class PgSidecar(Proxy):
             PGSIDECAR_POOL__MAX_OVERFLOW="0",
             PGSIDECAR_POOL__MODE="transaction",
             PGSIDECAR_LOGGING__LEVEL="warning",
+            PGSIDECAR_STATS__ENABLED="true" if self.stats_enabled else "false",
             PYTHONUNBUFFERED="1",
         )
         env.pop("DATABASE_URL", None)
@@ -252,7 +269,8 @@ class PgSidecar(Proxy):
             "--listen", f"127.0.0.1:{self.port}",
             "--http", f"127.0.0.1:{http_port}",
         ]
-        log(f"starting pgsidecar on 127.0.0.1:{self.port} (http {http_port}, pool {pool_size})")
+        log(f"starting {self.name} on 127.0.0.1:{self.port} (http {http_port}, pool {pool_size}, "
+            f"stats {'on' if self.stats_enabled else 'off'})")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"), start_new_session=True,
@@ -284,8 +302,16 @@ class PgSidecar(Proxy):
                 time.sleep(0.2)
         if not (ready.is_set() and health):
             self.stop()
-            raise RuntimeError(f"pgsidecar did not become ready (ready={ready.is_set()}, healthz={health}):\n"
+            raise RuntimeError(f"{self.name} did not become ready (ready={ready.is_set()}, healthz={health}):\n"
                                f"{self.stderr_tail()}")
+
+
+class PgSidecarNoStats(PgSidecar):
+    """pgsidecar exactly as above but with ``PGSIDECAR_STATS__ENABLED=false``: no timing,
+    fingerprinting or statistics per statement, so the difference is what observability costs."""
+
+    name = "pgsidecar-nostats"
+    stats_enabled = False
 
 
 class PgBouncer(Proxy):
@@ -370,11 +396,29 @@ RE_ABORTED = re.compile(r"client \d+ (?:script \d+ )?aborted.*$", re.M)
 RE_CONN = re.compile(r"^initial connection time = ([0-9.]+) ms", re.M)
 
 
-def run_pgbench(up: Upstream, port: int, workload: str, clients: int, duration: int,
+def write_custom_scripts(workdir: Path, workloads: list[str]) -> dict[str, Path]:
+    paths = {}
+    for wl in workloads:
+        if wl in CUSTOM_SCRIPTS:
+            path = workdir / f"{wl}.pgbench"
+            path.write_text(CUSTOM_SCRIPTS[wl])
+            path.chmod(0o644)
+            paths[wl] = path
+    return paths
+
+
+def workload_args(workload: str, scripts: dict[str, Path], scale: int) -> list[str]:
+    args = list(WORKLOADS[workload])
+    if workload in CUSTOM_SCRIPTS:
+        args += ["-f", str(scripts[workload]), "-D", f"scale={scale}"]
+    return args
+
+
+def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, duration: int,
                 proxy: Proxy | None) -> dict[str, Any]:
     cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", up.user,
            "-c", str(clients), "-j", str(min(2, clients)), "-T", str(duration), "-n",
-           *WORKLOADS[workload], BENCH_DB]
+           *workload, BENCH_DB]
     cpu0 = proxy.cpu_seconds() if proxy else None
     t0 = time.monotonic()
     timed_out = False
@@ -544,6 +588,13 @@ def summarise(runs: list[dict[str, Any]], workloads: list[str], clients_list: li
                 row["ratio_vs_direct"] = round(side["tps_median"] / direct["tps_median"], 3)
             else:
                 row["ratio_vs_direct"] = None
+            # what query statistics cost: 1 - pgsidecar TPS / pgsidecar-nostats TPS (0.05 = 5 % fewer tx/s)
+            nostats = row["targets"].get("pgsidecar-nostats")
+            if (side and nostats and side["tps_median"] and nostats["tps_median"]
+                    and not side["failed"] and not nostats["failed"]):
+                row["stats_cost"] = round(1 - side["tps_median"] / nostats["tps_median"], 4)
+            else:
+                row["stats_cost"] = None
             rows.append(row)
     return rows
 
@@ -564,17 +615,30 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         + (f"{meta['pgbouncer_version']}, " if meta.get("pgbouncer_version") else "")
         + f"pgsidecar @ {meta.get('git_commit', '?')}.",
         f"pgbench scale {a['scale']}, {a['duration']} s per run, {a['rounds']} interleaved rounds, `-j 2`, "
-        f"pool size {a['pool_size']} (both proxies, transaction mode, no overflow). "
+        f"pool size {a['pool_size']} (every proxy, transaction mode, no overflow). "
         "pgbench, PostgreSQL and the proxy share the same machine.",
         "",
         "TPS = median over rounds of pgbench's \"tps (without initial connection time)\"; latency = median of "
         "pgbench's average latency. Ratio = pgsidecar / PgBouncer TPS, or / direct (marked `d`) where PgBouncer "
-        "failed. CPU = proxy process CPU seconds (user+system) per 1,000 transactions.",
+        "failed. Stats cost = 1 - pgsidecar TPS / pgsidecar-nostats TPS (pgsidecar-nostats: the same proxy "
+        "with `PGSIDECAR_STATS__ENABLED=false`). CPU = proxy process CPU seconds (user+system) per 1,000 "
+        "transactions.",
         "",
+    ]
+    db = meta["db"]
+    if db.get("connections_needed", 0) > db["max_connections"]:
+        lines += [
+            f"**Warning:** PostgreSQL max_connections = {db['max_connections']}, but the biggest direct run "
+            f"next to every proxy's open server pool needs {db['connections_needed']}: direct runs at "
+            f"{max(a['clients_list'])} clients can fail with \"too many clients\".",
+            "",
+        ]
+    lines += [
         "| workload | clients | " + " | ".join(f"{t} TPS" for t in targets)
-        + " | ratio | " + " | ".join(f"{t} lat ms" for t in targets)
-        + " | failures (fail tx / aborted) | pgsidecar CPU s/1k tx | PgBouncer CPU s/1k tx |",
-        "|" + "---|" * (2 + len(targets) + 1 + len(targets) + 3),
+        + " | ratio | stats cost | " + " | ".join(f"{t} lat ms" for t in targets)
+        + " | failures (fail tx / aborted) | "
+        + " | ".join(f"{PROXY_LABELS[t]} CPU s/1k tx" for t in PROXIES) + " |",
+        "|" + "---|" * (2 + len(targets) + 2 + len(targets) + 1 + len(PROXIES)),
     ]
     for row in rows:
         cells = [row["workload"], str(row["clients"])]
@@ -590,6 +654,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
             cells.append("–")
         else:
             cells.append(f"{row['ratio']:.2f}" + (" d" if row["reference"] == "direct" else ""))
+        cells.append("–" if row.get("stats_cost") is None else f"{row['stats_cost'] * 100:.1f} %")
         for t in targets:
             s = row["targets"].get(t)
             cells.append(fmt(s["latency_ms_median"], ".2f") if s else "–")
@@ -662,10 +727,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dsn", default=os.environ.get("PGSIDECAR_TEST_DSN", DEFAULT_DSN),
                    help="PostgreSQL admin DSN (127.0.0.1 only); default $PGSIDECAR_TEST_DSN or " + DEFAULT_DSN)
-    p.add_argument("--duration", type=int, default=None, help="seconds per pgbench run (default 10; --quick 2)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per pgbench run (default 8; --quick 2)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument("--clients", default="10,50", help="comma-separated pgbench -c values (default 10,50)")
-    p.add_argument("--pool-size", type=int, default=20, help="server pool size of both proxies (default 20)")
+    p.add_argument("--pool-size", type=int, default=20, help="server pool size of every proxy (default 20)")
     p.add_argument("--scale", type=int, default=None, help="pgbench -i -s (default 10; --quick 1)")
     p.add_argument("--skip-init", action="store_true", help="reuse existing pgbench tables if the scale matches")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -677,7 +742,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     a = p.parse_args(argv)
     q = a.quick
-    a.duration = a.duration if a.duration is not None else (2 if q else 10)
+    a.duration = a.duration if a.duration is not None else (2 if q else 8)
     a.rounds = a.rounds if a.rounds is not None else (1 if q else 3)
     a.scale = a.scale if a.scale is not None else (1 if q else 10)
     a.latency_iterations = a.latency_iterations if a.latency_iterations is not None else (500 if q else 5000)
@@ -712,12 +777,20 @@ def main(argv: list[str] | None = None) -> int:
                                           timeout=10).stdout.strip(),
     }
     meta["db"] = prepare_database(up, args.scale, args.skip_init)
-    if meta["db"]["max_connections"] < max(args.clients_list) + 2 * args.pool_size:
-        log(f"warning: max_connections={meta['db']['max_connections']} may be too low for "
-            f"{max(args.clients_list)} direct clients")
+    # every proxy keeps its server pool open between runs (idle timeouts of 600 s), so a direct run
+    # needs room for its clients next to all the proxies' pools, plus one admin connection
+    n_proxies = sum(t in PROXIES for t in args.target_list)
+    needed = ("direct" in args.target_list) * max(args.clients_list) + n_proxies * args.pool_size + 1
+    meta["db"]["connections_needed"] = needed
+    if meta["db"]["max_connections"] < needed:
+        log(f"warning: max_connections={meta['db']['max_connections']} may be too low: "
+            f"{max(args.clients_list)} direct clients + {n_proxies} proxies x pool {args.pool_size} "
+            f"+ 1 need {needed}; direct runs may fail with 'too many clients' (raise max_connections, or "
+            f"lower --pool-size/--clients, or leave a proxy out of --targets)")
 
     workdir = Path(tempfile.mkdtemp(prefix="pgsidecar-bench-"))
     os.chmod(workdir, 0o755)
+    scripts = write_custom_scripts(workdir, args.workload_list)
     proxies: dict[str, Proxy] = {}
     runs: list[dict[str, Any]] = []
     latency: dict[str, dict[str, Any]] = {}
@@ -730,12 +803,13 @@ def main(argv: list[str] | None = None) -> int:
             meta["pgbouncer_version"] = b.version()
             b.start(up, args.pool_size)
             proxies["pgbouncer"] = b
-        if "pgsidecar" in args.target_list:
-            sdir = workdir / "pgsidecar"
-            sdir.mkdir()
-            s = PgSidecar(sdir)
-            s.start(up, args.pool_size)
-            proxies["pgsidecar"] = s
+        for cls in (PgSidecar, PgSidecarNoStats):
+            if cls.name in args.target_list:
+                sdir = workdir / cls.name
+                sdir.mkdir()
+                s = cls(sdir)
+                s.start(up, args.pool_size)
+                proxies[cls.name] = s
         targets = list(args.target_list)
         restarts: dict[str, int] = {name: 0 for name in proxies}
         events: list[dict[str, Any]] = []
@@ -786,11 +860,12 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             if wl.startswith("tpcb"):
                                 reset_tpcb_tables(up)
-                            r = run_pgbench(up, port_of(t), wl, c, args.duration, proxy)
+                            r = run_pgbench(up, port_of(t), workload_args(wl, scripts, meta["db"]["scale"]),
+                                            c, args.duration, proxy)
                         r.update(workload=wl, clients=c, round=rnd, target=t)
                         runs.append(r)
                         cpu = f" cpu/1k={r['proxy_cpu_s_per_1k_tx']}" if r.get("proxy_cpu_s_per_1k_tx") else ""
-                        log(f"[{n}/{total}] {wl:16s} c={c:<3d} r{rnd} {t:9s} tps={fmt(r['tps'], '.0f'):>6s} "
+                        log(f"[{n}/{total}] {wl:16s} c={c:<3d} r{rnd} {t:17s} tps={fmt(r['tps'], '.0f'):>6s} "
                             f"lat={fmt(r['latency_ms'], '.2f')}ms{cpu}"
                             + (f"  ERR: {'; '.join(r['errors'])}" if r["errors"] else ""))
 
@@ -815,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in targets:
                     s = latency[proto][t]["summary"]
                     extra = f" (+{s['mean_us'] - d['mean_us']:.1f} µs mean vs direct)" if t != "direct" and s.get("n") and d.get("n") else ""
-                    log(f"latency {proto:8s} {t:9s} mean={s.get('mean_us')} p50={s.get('p50_us')} "
+                    log(f"latency {proto:8s} {t:17s} mean={s.get('mean_us')} p50={s.get('p50_us')} "
                         f"p99={s.get('p99_us')} µs{extra}")
     except KeyboardInterrupt:
         interrupted = True
