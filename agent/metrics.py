@@ -19,7 +19,9 @@ The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
 - queries (absent with ``stats.enabled: false``): ``pgsidecar_queries_total{database,user,kind,status}``,
   ``pgsidecar_query_duration_seconds{database,user,kind}`` (histogram, ``LATENCY_BUCKETS``),
   ``pgsidecar_slow_queries_total{database,user}``, ``pgsidecar_query_fingerprints``,
-  ``pgsidecar_query_fingerprints_evicted_total``
+  ``pgsidecar_query_fingerprints_evicted_total``; with ``stats.prometheus_top_n`` > 0 (off by default,
+  capped at 100) also ``pgsidecar_query_top_{calls_total,duration_seconds_total,errors_total,p95_seconds}``
+  ``{fingerprint,kind}`` for the fingerprints with the most total time
 - pools, each ``{pool,database,user}``: ``pgsidecar_pool_server_connections{state}`` (active, idle,
   connecting; overflow and pinned overlap with those), ``pgsidecar_pool_size``,
   ``pgsidecar_pool_max_overflow``, ``pgsidecar_pool_waiting_clients``,
@@ -64,11 +66,13 @@ from prometheus_client.utils import floatToGoString
 
 from proxy.listener import ProxyServer
 from proxy.pool import CHECKOUT_BUCKETS
+from proxy.stats import FingerprintSnapshot
 
 from . import keys
 
 #: Seconds the event-loop monitor sleeps between measurements.
 LOOP_LAG_INTERVAL = 0.25
+TOP_N_MAX = 100  # stats.prometheus_top_n is capped: fingerprints as labels must stay few
 #: Upper bounds (seconds) of the event-loop lag histogram.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: HTTP methods kept as label values; anything else a client sends is counted as "other".
@@ -190,6 +194,30 @@ class ProxyCollector:
                                 value=snap.fingerprints)
         yield CounterMetricFamily("pgsidecar_query_fingerprints_evicted",
                                   "Fingerprints forgotten at stats.max_fingerprints.", value=snap.evicted)
+        top_n = min(self.proxy.settings.stats.prometheus_top_n, TOP_N_MAX)
+        if top_n:
+            yield from _top_fingerprints(stats.top("total_time", top_n))
+
+
+def _top_fingerprints(top: list[FingerprintSnapshot]) -> Iterator[Metric]:
+    """``stats.prometheus_top_n``: the busiest fingerprints, labelled by id (never by SQL text).
+
+    Their values restart when a fingerprint is evicted or the statistics are reset, as a
+    counter may; join on the id with /api/queries/{fingerprint} for the text."""
+    labels = ["fingerprint", "kind"]
+    calls = CounterMetricFamily("pgsidecar_query_top_calls", "Calls of the busiest fingerprints.", labels=labels)
+    seconds = CounterMetricFamily("pgsidecar_query_top_duration_seconds",
+                                  "Total time of the busiest fingerprints.", labels=labels)
+    errors = CounterMetricFamily("pgsidecar_query_top_errors", "Errors of the busiest fingerprints.", labels=labels)
+    p95 = GaugeMetricFamily("pgsidecar_query_top_p95_seconds", "Estimated p95 latency of the busiest fingerprints.",
+                            labels=labels)
+    for fp in top:
+        key = [fp.id, fp.kind]
+        calls.add_metric(key, fp.calls)
+        seconds.add_metric(key, fp.total_ms / 1000.0)
+        errors.add_metric(key, fp.errors)
+        p95.add_metric(key, fp.p95_ms / 1000.0)
+    yield from (calls, seconds, errors, p95)
 
 
 class ProcessDetailCollector:

@@ -120,6 +120,7 @@ _RULES: dict[str, _Rule] = {
     "logging.level": _one_of("debug", "info", "warning", "error"),
     "logging.format": _one_of("text", "json"),
     "stats.max_fingerprints": _int_at_least(1),
+    "stats.prometheus_top_n": _int_at_least(0),
     "slow_query.threshold_ms": _number_at_least(0),
     "slow_query.ring_size": _int_at_least(1),
     "slow_query.explain_interval_s": _positive_number(),

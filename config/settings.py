@@ -83,6 +83,9 @@ class LoggingSettings:
 class StatsSettings:
     enabled: bool = True
     max_fingerprints: int = 5000
+    # Export the N fingerprints with the most total time as labelled Prometheus series (0 = off:
+    # fingerprints as labels make series come and go, so it is opt-in and capped).
+    prometheus_top_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)

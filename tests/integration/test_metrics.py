@@ -143,10 +143,14 @@ def test_promtool_finds_nothing_to_lint(proxy: RunningProxy, agent: RunningAgent
     agent.request("GET", "/nope")
     text = _scrape_text(agent)
     assert "pgsidecar_query_duration_seconds_bucket" in text  # every family has samples to lint
+    assert _promtool(text) == (0, "")
+
+
+def _promtool(text: str) -> tuple[int, str]:
+    """(exit code, what it printed) of ``promtool check metrics`` on a scrape."""
     done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
                           timeout=30)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == "" and done.stderr.strip() == "", done.stdout + done.stderr
+    return done.returncode, (done.stdout + done.stderr).strip()
 
 
 def test_openmetrics_when_asked_for_and_text_format_otherwise(proxy: RunningProxy, agent: RunningAgent) -> None:
@@ -246,3 +250,38 @@ def test_each_app_has_its_own_registry(proxy: RunningProxy) -> None:
     first = create_app(proxy.settings, proxy.server)
     second = create_app(proxy.settings, proxy.server)
     assert first[keys.REGISTRY] is not second[keys.REGISTRY]
+
+
+def test_top_n_fingerprint_series_only_when_asked_for_and_capped(proxy_factory: Any) -> None:
+    default = proxy_factory()
+    agent = RunningAgent(default)
+    try:
+        with psycopg.connect(**default.kwargs(), autocommit=True) as conn:
+            conn.execute("select 1")
+        assert not [s for s in _samples(_scrape_text(agent)) if s.name.startswith("pgsidecar_query_top_")]
+    finally:
+        agent.stop()
+    proxy = proxy_factory(stats__prometheus_top_n=2)
+    agent = RunningAgent(proxy)
+    try:
+        with psycopg.connect(**proxy.kwargs(), autocommit=True) as conn:
+            for _ in range(3):
+                conn.execute("select pg_sleep(0.05)")
+            conn.execute("select 2 + 2")
+            conn.execute("select 'three', 3")
+        text = _scrape_text(agent)
+        samples = _samples(text)
+        calls = _find(samples, "pgsidecar_query_top_calls_total")
+        assert len(calls) == 2  # capped at the setting
+        busiest = max(calls, key=lambda s: s.value)
+        assert busiest.value == 3 and busiest.labels["kind"] == "select"
+        fid = busiest.labels["fingerprint"]
+        status, doc = agent.json("GET", f"/api/queries/{fid}")
+        assert status == 200 and doc["normalized"] == "select pg_sleep($1)"
+        seconds = _find(samples, "pgsidecar_query_top_duration_seconds_total", fingerprint=fid)
+        assert seconds and seconds[0].value >= 0.15
+        assert "pg_sleep" not in "".join(str(s.labels) for s in samples)  # ids, never SQL text
+        if shutil.which("promtool"):
+            assert _promtool(text) == (0, "")
+    finally:
+        agent.stop()
