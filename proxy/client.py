@@ -98,7 +98,8 @@ _STATE_RE = re.compile(
 _STATE_REASONS = ("listen", "temp_table", "prepare", "with_hold_cursor", "advisory_lock", "set_config", "load")
 _DEALLOCATE_RE = re.compile(rb"\b(?:deallocate|discard\s+(?:all|plans))\b", re.I)
 _NO_STATE = (None, False)
-_SCREEN = re.compile(rb"set|listen|temp|prepare|hold|advisory|load|dealloc|discard")
+# Each alternative starts with a distinct byte, so the engine skips most positions by that byte.
+_SCREEN = re.compile(rb"s(?:et)|l(?:isten|oad)|t(?:emp)|p(?:repare)|h(?:old)|a(?:dvisory)|d(?:ealloc|iscard)")
 _state_memo: dict[bytes, tuple[str | None, bool]] = {}
 
 

@@ -292,7 +292,9 @@ class ServerConnection(asyncio.Protocol):
             pos += 1 + unpack(data, pos + 1)[0]
         if pos != n or t != _Z or zs != 1:
             return False
-        if pending.count(FORWARD_SYNC) + pending.count(FORWARD_QUERY) + pending.count(FORWARD_FUNC) != 1:
+        if len(pending) > 1 and (
+            pending.count(FORWARD_SYNC) + pending.count(FORWARD_QUERY) + pending.count(FORWARD_FUNC) != 1
+        ):
             return False
         pending.clear()
         self.txn = data[n - 1]
