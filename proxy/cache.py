@@ -1,0 +1,533 @@
+"""Result cache: which statements may be cached (``decide``) and the store itself (``ResultCache``).
+
+Owns the policy and the memory of issue 4's result cache: ``decide`` looks at a statement's
+``Fingerprint`` and raw text and says whether its result may be served from memory, for how long,
+and which tables it read; ``ResultCache`` keeps the server's response bytes under a byte budget
+(LRU) with per-entry TTLs, evicts entries when their tables are written, and refuses results whose
+read raced an invalidation. Pure and synchronous: no I/O, no asyncio, no module-level mutable
+state (CONVENTIONS habit 7); the client session drives it, the LISTEN task calls ``invalidate``,
+the agent reads ``snapshot()``/``top()``. Correct first, fast second.
+
+Policy decisions (``decide``):
+
+- Modes: ``off`` bypasses everything ("off"); ``all`` caches every cacheable SELECT; ``hinted``
+  (the intended default) only statements carrying ``/* pgsidecar:cache */`` or
+  ``/* pgsidecar:cache ttl=60 */`` ("not_hinted" otherwise). The hint's ttl (seconds, decimals
+  allowed, an optional trailing ``s``) overrides ``default_ttl`` in every mode;
+  ``/* pgsidecar:nocache */`` bypasses in every mode ("nocache_hint") and wins over a cache hint.
+  Hints are ``/* */`` comments read from the raw bytes (the normalised text has no comments),
+  case-insensitively, anywhere in the text: a hint-shaped string inside a literal counts too, which at worst opts a
+  statement in that must still pass every check below. A malformed hint (``ttl=abc``) is no hint.
+- Cacheable only if, in this order of bypass reasons: not ``in_transaction`` (an explicit block may
+  see its own uncommitted writes or a snapshot older than the cache); ``parsed`` ("unparsed": the
+  facts are guesses); kind ``select`` ("not_select": SHOW and EXPLAIN are not cached either);
+  exactly one statement ("multi_statement"); no row-locking clause ("locking"); ``read_only``
+  ("not_read_only": SELECT INTO, data-modifying CTEs); no volatile function
+  ("volatile_function:<name>"); no special time literal such as ``'now'``/``'today'``
+  ("volatile_literal"); no system catalog or statistics relation ("system_table:<name>": pg_*,
+  information_schema and pg_temp change without triggers); no ``TABLESAMPLE`` without
+  ``REPEATABLE`` ("tablesample"; screened by "ample"/"AMPLE", so an oddly mixed-case keyword
+  such as ``tAbLeSaMpLe`` slips through: a cached sample is still a sample); a TTL above zero ("no_ttl").
+- Volatile functions are a deny-list, matched on the name after the last dot, lowercased
+  (``pg_catalog.now`` is ``now``): ``VOLATILE_FUNCTIONS`` (time, randomness, sequences, session and
+  role identity, settings, side effects, functions that run SQL given as text), every name with a
+  prefix in ``VOLATILE_PREFIXES`` (``pg_`` above all: advisory locks, pg_sleep, pg_notify,
+  statistics, backend state) except the few pure ``SAFE_PG_FUNCTIONS``. ``age`` is listed because
+  its one-argument form reads the clock. Role-dependent functions (current_user, current_role,
+  session_user, user, has_*_privilege) are volatile because SET ROLE changes them without changing
+  the session user the key holds. current_database/current_schema are safe: database and
+  search_path are in the key.
+- Known gap, by the brief's choice of a deny-list: a user-defined function that reads tables (or
+  calls now()) is not seen through; its result is cached under the tables the statement names and
+  is invalidated by those and by TTL only. Views have the same gap: a view is invalidated under its
+  own name, not its base tables, unless the caller expands it. Use ``/* pgsidecar:nocache */`` or
+  hinted mode for such statements. Temp tables are not decidable here (the session knows them).
+- A SELECT without tables (``select 1``, ``select lower($1)``) is cacheable: its result depends
+  only on the text, parameters and keyed settings; there is nothing to invalidate, TTL still holds.
+- Bind parameters are not seen by ``decide``: a text parameter ``'now'`` bound to a timestamp is a
+  volatile literal too; the caller may check values with ``volatile_literal``.
+
+Store decisions (``ResultCache``):
+
+- Key: ``cache_key`` hashes database, user, search_path, the statement bytes and the parameter
+  bytes (everything else that shapes the response: Bind values and formats, result formats) with
+  BLAKE2b-128, each part prefixed by its 8-byte length so no concatenation of parts can collide
+  with another (``"ab"+"c"`` vs ``"a"+"bc"``). 128 bits: an accidental collision needs ~2^64 keys.
+- Size of an entry = ``len(response) + len(key) + ENTRY_OVERHEAD`` (256 bytes: the entry object,
+  the LRU dict slot and the index set memberships, roughly, on CPython 3.11). ``max_bytes`` bounds
+  that sum; LRU entries are evicted until a new one fits ("lru"). A response over
+  ``max_result_bytes``, or an entry larger than the whole budget, is not stored ("too_large").
+- TTL runs from ``begin_read`` (when the server started producing the data), not from ``put``: an
+  entry is never older than its ttl. Expired entries are removed when met by ``get`` ("ttl") or by
+  ``purge_expired``; until then they occupy budget and are LRU candidates like the others.
+- Race rule (issue 4, invalidation 3) with one sequence number instead of a counter per table:
+  every invalidation takes the next number and records it for each table it names; ``begin_read``
+  hands out the current number as a ``ReadToken``; ``put`` refuses ("stale") when any of its tables
+  was invalidated after the token was taken, or when a flush, pause or resume happened after it.
+  So a read that started before an invalidation of one of its tables finished is never stored; a
+  read that started after it is. The tables checked are those given to ``put`` (pass the same as to
+  ``begin_read``). The per-table record is bounded by ``max_tracked_tables``: past it, the record
+  is cleared and every outstanding token made stale (safe, merely forgets a few stores).
+- Table names match on their last dotted component, lowercased: ``jobs``, ``JOBS``,
+  ``public.jobs`` and ``archive.jobs`` are one name for invalidation. A spurious invalidation
+  costs a miss; a missed one would serve stale rows, so the looser rule is the right side to err on.
+- ``invalidate(tables, source)`` removes every entry that read any of the tables ("invalidation")
+  and counts the event under its source, one of ``INVALIDATION_SOURCES`` (bounded metric labels).
+  ``flush`` removes everything ("flush"). ``pause`` flushes and stops serving and storing (LISTEN
+  connection down: writes may be missed); ``resume`` starts again and makes every token taken
+  before it stale (a write during the pause may have followed such a read's start unseen).
+- Counting: ``hits``/``misses`` by ``get`` (a get while paused counts as bypass "paused", neither a
+  hit nor a miss); ``stores``; ``evictions`` by reason (lru, ttl, invalidation, flush);
+  ``rejected`` puts by reason (too_large, stale, paused, no_ttl, expired: the read outlasted the
+  TTL); ``invalidations`` events by
+  source; ``bypasses`` by the reason the caller passes to ``record_bypass`` (``decide``'s reasons).
+  Overwriting a key replaces the entry without counting an eviction.
+- Not thread-safe: one cache per proxy, used from its event loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .fingerprint import Fingerprint
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "INVALIDATION_SOURCES",
+    "MODES",
+    "SAFE_PG_FUNCTIONS",
+    "VOLATILE_FUNCTIONS",
+    "VOLATILE_PREFIXES",
+    "CacheEntrySnapshot",
+    "CacheSnapshot",
+    "Decision",
+    "ReadToken",
+    "ResultCache",
+    "cache_key",
+    "decide",
+    "parse_hint",
+    "table_match_key",
+    "volatile_function",
+    "volatile_literal",
+]
+
+MODES = ("off", "all", "hinted")
+INVALIDATION_SOURCES = ("proxy", "notify", "ttl", "flush")
+ENTRY_OVERHEAD = 256
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
+
+#: Function names (after the last dot, lowercased) whose result differs between calls with the
+#: same arguments, depends on state the key does not hold, or has side effects.
+VOLATILE_FUNCTIONS: frozenset[str] = frozenset({
+    # clock
+    "now", "current_timestamp", "current_time", "current_date", "localtime", "localtimestamp",
+    "clock_timestamp", "statement_timestamp", "transaction_timestamp", "timeofday", "age",
+    # randomness
+    "random", "random_normal", "setseed", "gen_random_uuid", "gen_random_bytes", "gen_salt",
+    # sequences
+    "nextval", "currval", "lastval", "setval",
+    # session, role and connection identity; settings
+    "current_user", "current_role", "session_user", "user", "system_user",
+    "current_setting", "set_config",
+    "inet_client_addr", "inet_client_port", "inet_server_addr", "inet_server_port",
+    # large objects, cursors and SQL given as text (reads the cache cannot see)
+    "loread", "lowrite", "ts_stat", "currtid", "currtid2",
+})
+#: Any function whose name starts with one of these is volatile (unless in SAFE_PG_FUNCTIONS).
+VOLATILE_PREFIXES: tuple[str, ...] = (
+    "pg_", "txid_", "lo_", "dblink", "uuid_generate", "has_",
+    "query_to_", "cursor_to_", "table_to_", "schema_to_", "database_to_",
+)
+#: pg_* functions that are pure functions of their arguments.
+SAFE_PG_FUNCTIONS: frozenset[str] = frozenset({
+    "pg_size_pretty", "pg_size_bytes", "pg_typeof", "pg_column_size",
+})
+
+_HINT = re.compile(
+    rb"/\*\s*pgsidecar:(nocache|cache)(?:\s+ttl\s*=\s*(\d+(?:\.\d*)?|\.\d+)s?)?\s*\*/", re.IGNORECASE)
+# Special datetime input values read the clock when the literal is converted.
+_TIME_LITERAL = re.compile(rb"'\s*(?:now|today|tomorrow|yesterday)\s*'", re.IGNORECASE)
+_TABLESAMPLE = re.compile(r"\btablesample\b", re.IGNORECASE)
+_REPEATABLE = re.compile(r"\brepeatable\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether one statement's result may be cached, for how long and under which tables."""
+
+    cacheable: bool
+    ttl: float  # seconds; 0.0 when not cacheable
+    reason: str  # the bypass reason; "" when cacheable
+    tables: tuple[str, ...]
+
+
+def parse_hint(sql: bytes) -> tuple[str, float | None]:
+    """The comment hint in ``sql``: ("nocache", None), ("cache", ttl or None) or ("", None)."""
+    if b"/*" not in sql:
+        return "", None
+    found = ""
+    ttl: float | None = None
+    for match in _HINT.finditer(sql):
+        word = match.group(1).lower().decode()
+        if word == "nocache":
+            return "nocache", None
+        found = "cache"
+        if match.group(2) is not None and ttl is None:
+            ttl = float(match.group(2))
+    return found, ttl
+
+
+def volatile_function(name: str) -> bool:
+    """True if a call to ``name`` (possibly schema-qualified, any case) makes a result uncacheable."""
+    base = name.rsplit(".", 1)[-1].lower()
+    if base in VOLATILE_FUNCTIONS:
+        return True
+    return base.startswith(VOLATILE_PREFIXES) and base not in SAFE_PG_FUNCTIONS
+
+
+def volatile_literal(text: bytes) -> bool:
+    """True if ``text`` holds a datetime literal read from the clock ('now', 'today', ...)."""
+    return b"'" in text and _TIME_LITERAL.search(text) is not None
+
+
+def _system_table(table: str) -> bool:
+    parts = table.split(".")
+    return parts[0] == "information_schema" or any(part.startswith("pg_") for part in parts)
+
+
+def decide(fp: Fingerprint, sql: bytes, *, mode: str, in_transaction: bool, default_ttl: float) -> Decision:
+    """May the result of ``sql`` (fingerprinted as ``fp``) be cached, and for how long?"""
+    tables = fp.tables
+    if mode == "off":
+        return Decision(False, 0.0, "off", tables)
+    if mode not in MODES:
+        raise ValueError(f"cache mode must be one of {', '.join(MODES)}, got {mode!r}")
+    hint, hinted_ttl = parse_hint(sql)
+    if hint == "nocache":
+        return Decision(False, 0.0, "nocache_hint", tables)
+    if mode == "hinted" and hint != "cache":
+        return Decision(False, 0.0, "not_hinted", tables)
+    reason = ""
+    if in_transaction:
+        reason = "in_transaction"
+    elif not fp.parsed:
+        reason = "unparsed"
+    elif fp.kind != "select":
+        reason = "not_select"
+    elif fp.statements != 1:
+        reason = "multi_statement"
+    elif fp.locking:
+        reason = "locking"
+    elif not fp.read_only:
+        reason = "not_read_only"
+    else:
+        for function in fp.functions:
+            if volatile_function(function):
+                reason = "volatile_function:" + function.rsplit(".", 1)[-1]
+                break
+        else:
+            if volatile_literal(sql):
+                reason = "volatile_literal"
+            else:
+                for table in tables:
+                    if _system_table(table):
+                        reason = "system_table:" + table
+                        break
+                else:
+                    normalized = fp.normalized
+                    if (("ample" in normalized or "AMPLE" in normalized)  # cheap screen first
+                            and _TABLESAMPLE.search(normalized) is not None
+                            and _REPEATABLE.search(normalized) is None):
+                        reason = "tablesample"
+    if reason:
+        return Decision(False, 0.0, reason, tables)
+    ttl = default_ttl if hinted_ttl is None else hinted_ttl
+    if not ttl > 0:
+        return Decision(False, 0.0, "no_ttl", tables)
+    return Decision(True, float(ttl), "", tables)
+
+
+def cache_key(database: str, user: str, search_path: str, sql: bytes, params: bytes = b"") -> bytes:
+    """16-byte key over length-prefixed parts: no two different part lists share an encoding."""
+    digest = hashlib.blake2b(digest_size=16, person=b"pgsidecar.cache1")
+    for part in (database.encode("utf-8", "surrogatepass"), user.encode("utf-8", "surrogatepass"),
+                 search_path.encode("utf-8", "surrogatepass"), sql, params):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+def table_match_key(table: str) -> str:
+    """The name invalidation compares: the last dotted component, lowercased."""
+    return table.rsplit(".", 1)[-1].lower()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadToken:
+    """Taken by ``begin_read`` when a miss is forwarded to the server; handed back to ``put``."""
+
+    sequence: int  # the cache's invalidation sequence number at the start of the read
+    started: float  # the cache's clock at the start of the read (TTL runs from here)
+    tables: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntrySnapshot:
+    """One cached result for the API: never the SQL text or the rows."""
+
+    key: str  # hex
+    tables: tuple[str, ...]
+    bytes: int  # the entry's accounted size (response + key + ENTRY_OVERHEAD)
+    hits: int
+    age_s: float  # since the read that produced it began
+    ttl_s: float  # seconds left before expiry
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSnapshot:
+    """The cache's counters and occupancy at one moment (dicts are copies)."""
+
+    entries: int
+    bytes: int
+    max_bytes: int
+    max_result_bytes: int
+    hits: int
+    misses: int
+    stores: int
+    evictions: dict[str, int] = field(default_factory=dict)  # lru, ttl, invalidation, flush
+    rejected: dict[str, int] = field(default_factory=dict)  # too_large, stale, paused, no_ttl, expired
+    invalidations: dict[str, int] = field(default_factory=dict)  # by source
+    bypasses: dict[str, int] = field(default_factory=dict)  # by decide() reason, and "paused"
+    paused: bool = False
+
+
+class _Entry:
+    __slots__ = ("response", "tables", "match_keys", "size", "stored_at", "expires_at", "hits")
+
+    def __init__(self, response: bytes, tables: tuple[str, ...], match_keys: frozenset[str], size: int,
+                 stored_at: float, expires_at: float) -> None:
+        self.response = response
+        self.tables = tables
+        self.match_keys = match_keys
+        self.size = size
+        self.stored_at = stored_at
+        self.expires_at = expires_at
+        self.hits = 0
+
+
+class ResultCache:
+    """Response bytes by key, bounded in bytes (LRU) and time (TTL), evicted by table writes."""
+
+    __slots__ = ("max_bytes", "max_result_bytes", "max_tracked_tables", "_clock", "_entries", "_index",
+                 "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
+                 "_evictions", "_rejected", "_invalidations", "_bypasses")
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+                 clock: Callable[[], float] = time.monotonic, *, max_tracked_tables: int = 100_000) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"cache max_bytes must be at least 1, got {max_bytes}")
+        if max_result_bytes < 0:
+            raise ValueError(f"cache max_result_bytes must not be negative, got {max_result_bytes}")
+        self.max_bytes = max_bytes
+        self.max_result_bytes = max_result_bytes
+        self.max_tracked_tables = max_tracked_tables
+        self._clock = clock
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently used first
+        self._index: dict[str, set[bytes]] = {}  # table match key -> keys of entries that read it
+        self._bytes = 0
+        self._sequence = 0  # taken by every invalidation, flush, pause and resume
+        self._invalidated_at: dict[str, int] = {}  # table match key -> sequence of its last invalidation
+        self._floor = 0  # tokens older than this are stale (flush, pause, resume)
+        self._paused = False
+        self.hits = 0
+        self.misses = 0
+        self.stores = 0
+        self._evictions: dict[str, int] = {}
+        self._rejected: dict[str, int] = {}
+        self._invalidations: dict[str, int] = {}
+        self._bypasses: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def begin_read(self, tables: Iterable[str] = ()) -> ReadToken:
+        """Note the moment a miss is forwarded to the server; pass the token to ``put``."""
+        return ReadToken(self._sequence, self._clock(), tuple(tables))
+
+    def get(self, key: bytes) -> bytes | None:
+        """The stored response for ``key``, or None (missing, expired, or the cache is paused)."""
+        if self._paused:
+            self.record_bypass("paused")
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if entry.expires_at <= self._clock():
+            self._remove(key, "ttl")
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        entry.hits += 1
+        self.hits += 1
+        return entry.response
+
+    def record_bypass(self, reason: str) -> None:
+        """Count a statement that did not use the cache (``Decision.reason``)."""
+        self._bypasses[reason] = self._bypasses.get(reason, 0) + 1
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def put(self, key: bytes, response: bytes, tables: Iterable[str], ttl: float, token: ReadToken) -> bool:
+        """Store ``response`` unless too large, paused, without TTL, or raced by an invalidation."""
+        table_names = tuple(tables)
+        if self._paused:
+            return self._reject("paused")
+        if not ttl > 0:
+            return self._reject("no_ttl")
+        size = len(response) + len(key) + ENTRY_OVERHEAD
+        if len(response) > self.max_result_bytes or size > self.max_bytes:
+            return self._reject("too_large")
+        match_keys = frozenset(table_match_key(table) for table in table_names)
+        if token.sequence < self._floor:
+            return self._reject("stale")
+        invalidated_at = self._invalidated_at
+        for match_key in match_keys:
+            if invalidated_at.get(match_key, 0) > token.sequence:
+                return self._reject("stale")
+        expires_at = token.started + ttl
+        if expires_at <= self._clock():  # the read took longer than the TTL
+            return self._reject("expired")
+        if key in self._entries:
+            self._remove(key, "")
+        entries = self._entries
+        while self._bytes + size > self.max_bytes:
+            self._remove(next(iter(entries)), "lru")
+        entries[key] = _Entry(response, table_names, match_keys, size, token.started, expires_at)
+        self._bytes += size
+        index = self._index
+        for match_key in match_keys:
+            keys = index.get(match_key)
+            if keys is None:
+                index[match_key] = {key}
+            else:
+                keys.add(key)
+        self.stores += 1
+        return True
+
+    def invalidate(self, tables: Iterable[str], source: str) -> int:
+        """A write to ``tables`` committed: drop every entry that read one; return how many."""
+        self._check_source(source)
+        self._invalidations[source] = self._invalidations.get(source, 0) + 1
+        self._sequence += 1
+        sequence = self._sequence
+        invalidated_at = self._invalidated_at
+        removed = 0
+        for match_key in {table_match_key(table) for table in tables}:
+            invalidated_at[match_key] = sequence
+            keys = self._index.get(match_key)
+            if keys:
+                for key in list(keys):
+                    self._remove(key, "invalidation")
+                    removed += 1
+        if len(invalidated_at) > self.max_tracked_tables:
+            invalidated_at.clear()
+            self._bump_floor()  # every token taken so far is stale
+        return removed
+
+    def flush(self, source: str = "flush") -> int:
+        """Drop every entry and make every outstanding ReadToken stale; return how many."""
+        self._check_source(source)
+        self._invalidations[source] = self._invalidations.get(source, 0) + 1
+        removed = len(self._entries)
+        if removed:
+            self._evictions["flush"] = self._evictions.get("flush", 0) + removed
+        self._entries.clear()
+        self._index.clear()
+        self._bytes = 0
+        self._invalidated_at.clear()
+        self._bump_floor()
+        return removed
+
+    def pause(self, source: str = "flush") -> None:
+        """Stop serving and storing (writes may go unseen), dropping everything."""
+        self._paused = True
+        self.flush(source)
+
+    def resume(self) -> None:
+        """Serve and store again; reads that began before now are not stored."""
+        self._paused = False
+        self._bump_floor()
+
+    def purge_expired(self) -> int:
+        """Remove every expired entry now (``get`` only removes those it meets)."""
+        now = self._clock()
+        expired = [key for key, entry in self._entries.items() if entry.expires_at <= now]
+        for key in expired:
+            self._remove(key, "ttl")
+        return len(expired)
+
+    # -- reading the state --------------------------------------------------------------------------
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot(
+            entries=len(self._entries), bytes=self._bytes, max_bytes=self.max_bytes,
+            max_result_bytes=self.max_result_bytes, hits=self.hits, misses=self.misses, stores=self.stores,
+            evictions=dict(self._evictions), rejected=dict(self._rejected),
+            invalidations=dict(self._invalidations), bypasses=dict(self._bypasses), paused=self._paused,
+        )
+
+    def top(self, limit: int = 20) -> list[CacheEntrySnapshot]:
+        """The ``limit`` entries with most hits (ties: most recently used first)."""
+        if limit <= 0:
+            return []
+        now = self._clock()
+        ranked = heapq.nlargest(limit, enumerate(self._entries.items()), key=lambda item: (item[1][1].hits, item[0]))
+        return [CacheEntrySnapshot(key=key.hex(), tables=entry.tables, bytes=entry.size, hits=entry.hits,
+                                   age_s=max(0.0, now - entry.stored_at), ttl_s=max(0.0, entry.expires_at - now))
+                for _, (key, entry) in ranked]
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _remove(self, key: bytes, reason: str) -> None:
+        entry = self._entries.pop(key)
+        self._bytes -= entry.size
+        index = self._index
+        for match_key in entry.match_keys:
+            keys = index.get(match_key)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[match_key]
+        if reason:
+            self._evictions[reason] = self._evictions.get(reason, 0) + 1
+
+    def _reject(self, reason: str) -> bool:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        return False
+
+    def _bump_floor(self) -> None:
+        self._sequence += 1
+        self._floor = self._sequence
+
+    @staticmethod
+    def _check_source(source: str) -> None:
+        if source not in INVALIDATION_SOURCES:
+            raise ValueError(f"invalidation source must be one of {', '.join(INVALIDATION_SOURCES)}, "
+                             f"got {source!r}")
