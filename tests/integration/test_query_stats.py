@@ -305,3 +305,19 @@ def test_slow_select_gets_a_generic_plan_once_per_interval(proxy_factory: Any, t
     # The EXPLAIN ran on its own connection, named so, and is gone.
     assert direct().execute(
         "select count(*) from pg_stat_activity where application_name = 'pgsidecar-explain'").fetchone() == (0,)
+
+
+async def test_a_multi_statement_query_counts_once_with_all_its_rows(proxy: RunningProxy, table: str) -> None:
+    conn = await asyncpg.connect(**proxy.asyncpg_kwargs())
+    try:  # asyncpg's execute() without arguments sends one simple Query
+        await conn.execute(f"insert into {table} values (1, 'a'), (2, 'b'); "
+                           f"update {table} set v = 'c' where id <= 2; select * from {table} where id = 1")
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await conn.execute(f"select 1 from {table}; select 1 from no_such_table_here")
+    finally:
+        await conn.close()
+    many = await asyncio.to_thread(_one, proxy, f"update {table} set v")
+    assert many.calls == 1 and many.kind == "insert"  # the first of the most significant statements
+    assert many.rows == 2 + 2 + 1
+    failed = await asyncio.to_thread(_one, proxy, "no_such_table_here")
+    assert (failed.calls, failed.errors, failed.last_sqlstate) == (1, 1, "42P01")
