@@ -176,7 +176,8 @@ class ClientSession(asyncio.Protocol):
         self.application_name = ""
         self.peer = ""
         self.desired: dict[str, str] = {}
-        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (server name, body)
+        # client name -> (server name, Parse body after the name, statement text)
+        self.statements: dict[bytes, tuple[bytes, bytes, bytes]] = {}
         self.pinned: str | None = None
         self.session_mode = listener.settings.pool.mode == "session"
         self.max_message = listener.settings.proxy.max_message_bytes
@@ -731,7 +732,7 @@ class ClientSession(asyncio.Protocol):
                     sname = self.pool.statement_names.get(rest)  # type: ignore[union-attr]
                     if sname is None:
                         sname = self.pool.new_statement_name(rest)  # type: ignore[union-attr]
-                    self.statements[name] = (sname, rest)
+                    self.statements[name] = (sname, rest, sql)
                     if run < pos:
                         out.append(bytes(buf[run:pos]))
                     run = end
@@ -808,7 +809,7 @@ class ClientSession(asyncio.Protocol):
         entry = self.statements.get(name)
         if entry is None:
             return None
-        sname, rest = entry
+        sname, rest, _ = entry
         if run < pos:
             out.append(bytes(buf[run:pos]))
         if sname not in server.prepared:
@@ -853,10 +854,7 @@ class ClientSession(asyncio.Protocol):
         if not name:
             return self._unnamed_sql
         entry = self.statements.get(name)
-        if entry is None:
-            return b""
-        rest = entry[1]
-        return rest[: rest.index(0)]
+        return b"" if entry is None else entry[2]
 
     def statement_done(self, rows: int | bytes) -> None:
         """The server answered one Query or one Sync of this client: record the statement.
