@@ -124,6 +124,11 @@ _RULES: dict[str, _Rule] = {
     "slow_query.threshold_ms": _number_at_least(0),
     "slow_query.ring_size": _int_at_least(1),
     "slow_query.explain_interval_s": _positive_number(),
+    "cache.mode": _one_of("off", "all", "hinted"),
+    "cache.ttl_s": _positive_number(),
+    "cache.max_bytes": _int_at_least(1024),
+    "cache.max_result_bytes": _int_at_least(0),
+    "cache.catalog_refresh_s": _positive_number(),
 }
 
 

@@ -97,6 +97,20 @@ class SlowQuerySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    # off | all (every cacheable SELECT) | hinted (only statements with /* pgsidecar:cache */).
+    mode: str = "hinted"
+    ttl_s: float = 60.0
+    max_bytes: int = 64 * 1024 * 1024
+    max_result_bytes: int = 1024 * 1024
+    # Cache only results whose tables carry pgsidecar's invalidation trigger, so writes that
+    # bypass the proxy are seen too (false: trust that every write goes through the proxy).
+    require_triggers: bool = True
+    # How often the list of tables with triggers and of user-defined functions is reloaded.
+    catalog_refresh_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddedSettings:
     # Data directory of the embedded PostgreSQL; None = a folder under the user's cache dir.
     data_dir: str | None = None
@@ -113,4 +127,5 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     stats: StatsSettings = field(default_factory=StatsSettings)
     slow_query: SlowQuerySettings = field(default_factory=SlowQuerySettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
