@@ -1,4 +1,4 @@
-"""The ``pgsidecar`` command line: ``run`` and ``check-config``."""
+"""The ``pgsidecar`` command line: ``run``, ``check-config`` and ``cache install-triggers|remove-triggers``."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("run", help="run the proxy and the agent"))
     common(sub.add_parser("check-config", help="validate the settings and print them (secrets redacted)"))
+    cache = sub.add_parser("cache", help="result cache administration")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    install = cache_sub.add_parser(
+        "install-triggers",
+        help="put the cache's invalidation trigger on tables (every table of the database when none is named)")
+    install.add_argument("tables", nargs="*", metavar="TABLE", help="table names, optionally schema-qualified")
+    remove = cache_sub.add_parser("remove-triggers", help="drop every cache invalidation trigger and its function")
+    for p in (install, remove):
+        common(p)
+        p.add_argument("--database", help="database to work in (default: the upstream DSN's)")
     return parser
 
 
@@ -59,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(redacted(settings), indent=2))
         return 0
+    if args.command == "cache":
+        return asyncio.run(_cache_command(settings, args))
     from .logs import setup_logging
 
     setup_logging(settings.logging)
@@ -122,4 +134,39 @@ async def _run(settings: Settings) -> int:
     await runner.cleanup()
     if embedded is not None:
         await asyncio.to_thread(embedded.cleanup)
+    return 0
+
+
+async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``pgsidecar cache install-triggers [TABLE ...]`` / ``remove-triggers`` on the upstream."""
+    import asyncpg
+
+    from proxy.invalidation import install_triggers, remove_triggers
+
+    if not settings.upstream.dsn:
+        print("pgsidecar: cache: no upstream: set DATABASE_URL, --upstream or upstream.dsn", file=sys.stderr)
+        return 2
+    up = parse_dsn(settings.upstream.dsn)
+    database = args.database or up.database or up.user or "postgres"
+    try:
+        conn = await asyncpg.connect(
+            host=up.host, port=up.port, user=up.user, password=up.password,
+            database=database, timeout=settings.upstream.connect_timeout, ssl=False)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        print(f"pgsidecar: cache: cannot connect to {up.host}:{up.port}/{database}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.cache_command == "install-triggers":
+            done = await install_triggers(conn, list(args.tables) or None)
+            verb = "installed on"
+        else:
+            done = await remove_triggers(conn)
+            verb = "removed from"
+    except (ValueError, asyncpg.PostgresError) as exc:
+        print(f"pgsidecar: cache: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    print(f"pgsidecar: cache invalidation trigger {verb} {len(done)} table(s) in {database}"
+          + (": " + ", ".join(done) if done else ""))
     return 0

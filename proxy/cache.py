@@ -392,6 +392,10 @@ class ResultCache:
         """Count a statement that did not use the cache (``Decision.reason``)."""
         self._bypasses[reason] = self._bypasses.get(reason, 0) + 1
 
+    def record_rejected(self, reason: str) -> None:
+        """Count a response the caller decided not to store (too large, not a plain result)."""
+        self._reject(reason)
+
     # -- writes -----------------------------------------------------------------------------------
 
     def put(self, key: bytes, response: bytes, tables: Iterable[str], ttl: float, token: ReadToken) -> bool:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as pq
 from .auth import AuthFailed
+from .caching import DDL, FLUSH, READ, WRITE, Fill
 from .errors import ProxyError
 from .stats import Scope
 from .server import (
@@ -205,6 +206,15 @@ class ClientSession(asyncio.Protocol):
         self._scope: Scope | None = None  # this session's (database, user) counters
         self._app = ""  # application_name and client_encoding now, as the session set them
         self._encoding = "utf-8"
+        # ---- result cache (issue 4)
+        self._front = listener.cache_front
+        self._fill: Fill | None = None  # a cacheable miss whose response is being collected
+        self._cache_settings = ""  # the session settings that shape results, for the cache key
+        self._stateful = False  # ran a statement creating session state: never use the cache
+        self._written: set[str] = set()  # tables written by the open transaction
+        self._flush = False  # the open transaction may have written anything
+        self._ddl = False  # ... or changed triggers or functions
+        self._unnoted = False  # statements went unclassified while no read had ever been cached
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -221,6 +231,16 @@ class ClientSession(asyncio.Protocol):
             # Fast path: nothing buffered, and the first message is complete (a server is
             # never held for a message still arriving): relay straight from ``data``.
             n = len(data)
+            if self._front is not None and n >= 5 and data[0] == _Q:
+                # Queries answered from the result cache, in order, while nothing is outstanding.
+                while n >= 5 and data[0] == _Q:
+                    end = 1 + _LEN.unpack_from(data, 1)[0]
+                    if end > n or not self._idle() or not self._from_cache(data, end, n):
+                        break
+                    data = data[end:]
+                    n -= end
+                if not n:
+                    return
             if n >= 5 and data[0] != _X and 1 + _LEN.unpack_from(data, 1)[0] <= n:
                 server = self.server
                 if server is None:
@@ -271,7 +291,10 @@ class ClientSession(asyncio.Protocol):
                 self.pool.dequeue(self)
         server = self.server
         self.server = None
+        self._fill = None
         if server is not None:
+            if self._front is not None and server.pending and (self._written or self._flush or self._unnoted):
+                self._commit(True)  # a COMMIT may be running: it may still commit
             self._return_server(server, abandoned=True)
         if self.pinned is not None and self.pool is not None:
             self.pool.unpin()
@@ -302,6 +325,8 @@ class ClientSession(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+            if self._fill is not None:
+                self._fill.add(data)
 
     def fail(self, err: ProxyError) -> None:
         """Send an ErrorResponse; after a FATAL one, close the connection."""
@@ -467,17 +492,23 @@ class ClientSession(asyncio.Protocol):
     def _idle_input(self) -> None:
         """Client data while no server connection is attached."""
         buf = self.buf
-        if len(buf) < 5:
-            return
-        kind, length = pq.HEADER.unpack_from(buf, 0)
-        if length < 4 or length > self.max_message:
-            self._violation(length)
-            return
-        if kind == b"X":
-            self.close()
-            return
-        if len(buf) < length + 1:
-            return
+        while True:
+            if len(buf) < 5:
+                return
+            kind, length = pq.HEADER.unpack_from(buf, 0)
+            if length < 4 or length > self.max_message:
+                self._violation(length)
+                return
+            if kind == b"X":
+                self.close()
+                return
+            if len(buf) < length + 1:
+                return
+            if (kind == b"Q" and self._front is not None and self._acquiring is None and self._queued is None
+                    and not self.closed and self._from_cache(buf, length + 1, len(buf))):
+                del buf[: length + 1]  # answered from the cache: on to the next message
+                continue
+            break
         if self._acquiring is None and self._queued is None:
             pool = self.pool
             assert pool is not None
@@ -658,6 +689,10 @@ class ClientSession(asyncio.Protocol):
         # client has not sent yet: so do we (no request expected, no statement prepared).
         dropping = server.skipping and server.discarding()
         measure = self.measure
+        front = self._front
+        if front is not None and self._fill is not None and pending:
+            self._fill = None  # pipelined behind a cacheable miss: its response is not stored
+            front.cache.record_rejected("pipelined")
         if measure:
             # When this batch arrived: it may have waited for a server connection meanwhile.
             now = time.monotonic() - self._waited
@@ -683,6 +718,8 @@ class ClientSession(asyncio.Protocol):
                 pending.append(FORWARD_QUERY)
                 sql = bytes(buf[pos + 5 : end - 1])
                 self._inspect(sql, server)
+                if front is not None:
+                    self._classify(sql)
                 if measure:
                     inflight.append((sql, now, waited, True))
                     waited = 0.0
@@ -695,6 +732,8 @@ class ClientSession(asyncio.Protocol):
                         self._segment_start = now
                     if self._segment is None:
                         self._segment = self._statement_text(bytes(buf[p1 + 1 : p2]))
+                if front is not None:
+                    self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -722,7 +761,7 @@ class ClientSession(asyncio.Protocol):
                 qend = buf.index(0, nul + 1, end)
                 sql = bytes(buf[nul + 1 : qend])
                 self._inspect(sql, server)
-                if measure:
+                if measure or front is not None:
                     self._segment = sql
                     if nul == pos + 5:
                         self._unnamed_sql = sql
@@ -764,6 +803,7 @@ class ClientSession(asyncio.Protocol):
                 pass
             elif t == _F:
                 pending.append(FORWARD_FUNC)
+                self._flush = True  # a function call by OID: it may write anything
                 if measure:
                     inflight.append(None)
             elif t == _X:
@@ -823,6 +863,8 @@ class ClientSession(asyncio.Protocol):
         reason, drops_statements = session_state(sql)
         if drops_statements:
             server.prepared.clear()
+        if reason is not None:
+            self._stateful = True
         if reason is not None and self.pinned is None and not self.session_mode:
             self.pinned = reason
             self.pool.pin(reason)  # type: ignore[union-attr]
@@ -831,6 +873,13 @@ class ClientSession(asyncio.Protocol):
     # ------------------------------------------------------------------ called by ServerConnection
     def server_ready(self, status: int) -> None:
         server = self.server
+        if self._front is not None:
+            fill = self._fill
+            if fill is not None:
+                self._fill = None
+                self._front.finish(fill, status)
+            if status == _IDLE and (self._written or self._flush or self._ddl or self._unnoted):
+                self._commit(server is None or not server.pending)
         if server is None or server.pending:
             return
         self.transactions += status == _IDLE
@@ -895,10 +944,83 @@ class ClientSession(asyncio.Protocol):
         desired = self.desired
         self._app = desired.get("application_name", "")
         self._encoding = desired.get("client_encoding", "utf-8")
+        self._cache_settings = "\n".join(
+            f"{k}={v}" for k, v in sorted(desired.items()) if k != "application_name")
+
+    # ------------------------------------------------------------------ result cache
+    def _idle(self) -> bool:
+        """No transaction open and nothing outstanding: a Query may be answered from the cache."""
+        server = self.server
+        return server is None or (not server.pending and server.txn == _IDLE)
+
+    def _from_cache(self, buf: bytes | bytearray, end: int, n: int) -> bool:
+        """The Query at ``buf[:end]``, sent while idle: answer it from the cache (True), or
+        start collecting its response when it may be stored (False: forward it)."""
+        front = self._front
+        assert front is not None
+        if self._stateful:
+            front.cache.record_bypass("session_state")
+            return False
+        sql = bytes(buf[5 : end - 1])
+        start = time.monotonic()
+        found = front.lookup(sql, self.database, self.user, self._cache_settings, self._encoding,
+                             self.pool.endpoint)  # type: ignore[union-attr]
+        if found is None:
+            return False
+        if isinstance(found, Fill):
+            if end == n:  # nothing pipelined behind it
+                self._fill = found
+            return False
+        if self.closed or self.transport is None:
+            return True
+        self.transport.write(memoryview(found)[8:])
+        self.transactions += 1
+        if self.measure:
+            self._record(sql, start, 0.0, int.from_bytes(found[:8], "big"), None)
+        return True
+
+    def _classify(self, sql: bytes) -> None:
+        """Note what a statement of the open transaction writes, for invalidation at commit."""
+        front = self._front
+        assert front is not None
+        if not front.fills:
+            # No read was ever collected for the cache: nothing to invalidate yet. If one is
+            # by the time this transaction commits, it flushes (see _commit).
+            self._unnoted = True
+            return
+        action, tables = front.classify(sql, self._encoding, front.monitors.get(self.database))
+        if action == READ:
+            return
+        if action == WRITE:
+            self._written.update(tables)
+        elif action == DDL:
+            self._written.update(tables)
+            self._ddl = True
+        elif action == FLUSH:
+            self._flush = True
+        else:  # ROLLBACK: nothing this transaction wrote will be seen
+            self._written.clear()
+            self._flush = self._ddl = False
+
+    def _commit(self, final: bool) -> None:
+        """ReadyForQuery with no transaction open: what was written is committed; evict it.
+
+        With requests still outstanding (pipelined) the writes noted may include theirs, not yet
+        committed: evicted now and again at the final ReadyForQuery, when they are cleared."""
+        front = self._front
+        assert front is not None
+        flush = self._flush or (self._unnoted and front.fills > 0)
+        front.commit(self._written, flush, front.monitors.get(self.database), self._ddl)
+        if final:
+            self._written.clear()
+            self._flush = self._ddl = self._unnoted = False
 
     def server_lost(self) -> None:
         server = self.server
         self.server = None
+        self._fill = None
+        if self._front is not None and (self._written or self._flush or self._unnoted):
+            self._commit(True)  # a COMMIT may have reached the server before it died
         if server is not None and self.pool is not None:
             self.pool.discard(server)
         self.fail(ProxyError.server_lost(self.pool.name if self.pool else "?"))

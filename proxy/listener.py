@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .auth import ClientVerifier, UserSecret, make_verifier
+from .caching import CacheFront
 from .client import ClientSession
 from .errors import ProxyError
 from .explain import Explainer
@@ -73,6 +74,10 @@ class ProxyServer:
         # halving it makes every other statement a pglast parse (~100 µs). 50,000 shapes cost
         # about 10 MB; ten per tracked fingerprint at least.
         self.fingerprinter = Fingerprinter(max_memo=max(50_000, 10 * settings.stats.max_fingerprints))
+        # Result cache (issue 4): None when cache.mode is off (then no cost on any path).
+        self.cache_front: CacheFront | None = None
+        if settings.cache.mode != "off":
+            self.cache_front = CacheFront(settings.cache, self.fingerprinter)
         self.stats: QueryStats | None = None
         self.recorder: Recorder | None = None
         self.explainer: Explainer | None = None
@@ -186,6 +191,8 @@ class ProxyServer:
                 await asyncio.sleep(0.05)
         if self.explainer is not None:
             await self.explainer.close()
+        if self.cache_front is not None:
+            await self.cache_front.stop()
         err = ProxyError.shutting_down()
         for session in list(self.sessions.values()) + list(self.pending_sessions):
             session.fail(err)

@@ -336,7 +336,7 @@ def test_unknown_key_in_yaml(write_yaml: typing.Callable[[object], str]) -> None
 
 def test_unknown_section_in_yaml(write_yaml: typing.Callable[[object], str]) -> None:
     message = error(path=write_yaml({"pooling": {"size": 5}}))
-    assert message.startswith("pooling: unknown section (valid sections: agent, auth, embedded,")
+    assert message.startswith("pooling: unknown section (valid sections: agent, auth, cache, embedded,")
 
 
 def test_unknown_env_key() -> None:

@@ -1,0 +1,238 @@
+"""The result cache in front of the pools: what a client session asks before and after a statement.
+
+Owns the glue between sessions and the cache (issue 4): ``CacheFront`` (one per proxy) holds the
+``ResultCache``, one ``InvalidationMonitor`` per database, and the settings; sessions call it
+
+- ``lookup`` for a simple-protocol Query while the client is idle (no transaction open, nothing
+  outstanding): a hit returns the stored response to replay, a cacheable miss a ``Fill`` that
+  collects the server's response as it is forwarded, anything else None (counted by reason);
+- ``finish`` at the ReadyForQuery that ends a Fill: the response is stored only if it is exactly
+  RowDescription/DataRow*/CommandComplete/ReadyForQuery('I') (no error, notice, notification or
+  ParameterStatus in it), within ``max_result_bytes``, and not raced by an invalidation;
+- ``classify`` for every statement a client runs (Query text, and the text of every Bind), to
+  collect the tables the client's transaction writes; the session hands them to ``commit`` at the
+  ReadyForQuery that ends the transaction (status idle), so they are evicted when the write
+  commits (immediately in autocommit) and never on rollback.
+
+What a stored value is: 8 bytes of row count (for the statistics of a hit) followed by the server's
+response bytes, ReadyForQuery included, exactly as they came. A hit is replayed with one write.
+
+Choices where the issue is silent:
+
+- Only the simple protocol is cached for now (what psycopg2, SQLAlchemy on psycopg2, psql and
+  pgbench -M simple use). Extended-protocol statements pass through uncached but their writes do
+  invalidate.
+- With ``cache.require_triggers`` (default) only results whose every table carries the invalidation
+  trigger are cached ("no_trigger" otherwise): then writes that bypass the proxy are seen too, and
+  views, materialized views and foreign tables (which cannot carry it) are never cached.
+- A statement that calls a user-defined VOLATILE function may write anything: it is never cached
+  ("writer_function"), and a transaction that ran one flushes the whole cache when it commits.
+  So do CALL, DO, the fast-path function call, statements that did not parse, and COMMIT PREPARED.
+- Sessions with state the key does not hold (pinned clients: temp tables, session SET, SET ROLE;
+  in session mode any such statement) bypass the cache ("session_state").
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .cache import ReadToken, ResultCache, cache_key, decide, table_match_key
+from .invalidation import InvalidationMonitor
+
+if TYPE_CHECKING:
+    from config.settings import CacheSettings
+
+    from .fingerprint import Fingerprinter
+    from .server import Endpoint
+
+_D = ord("D")
+_T = ord("T")
+_C = ord("C")
+_Z = ord("Z")
+_I = ord("I")
+_ROLLBACK = ("ROLLBACK", "ABORT")
+_UNKNOWN_WRITERS = ("CALL", "DO", "EXECUTE")
+
+# What classify() says about a statement.
+READ = 0  # writes nothing the cache holds
+WRITE = 1  # writes the tables returned
+FLUSH = 2  # may write anything: flush at commit
+ROLLBACK = 3  # ends the transaction without committing it
+DDL = 4  # writes the tables returned, and may change the catalog facts (triggers, functions)
+
+
+class Fill:
+    """A cacheable miss in flight: the response bytes as they are forwarded to the client."""
+
+    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead")
+
+    def __init__(self, key: bytes, tables: tuple[str, ...], ttl: float, token: ReadToken, limit: int) -> None:
+        self.key = key
+        self.tables = tables
+        self.ttl = ttl
+        self.token = token
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.dead = False  # too large: nothing will be stored
+
+    def add(self, data: bytes) -> None:
+        if self.dead:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.dead = True
+            self.parts.clear()
+        else:
+            self.parts.append(data)
+
+
+def _bypass_label(reason: str) -> str:
+    """Bounded label for a bypass reason: "volatile_function:now" counts as "volatile_function"."""
+    return reason.split(":", 1)[0]
+
+
+def _check_response(data: bytes) -> int:
+    """Rows of a storable response (T? D* C Z('I')), or -1 when it must not be stored."""
+    n = len(data)
+    if n < 6 or data[n - 6] != _Z or data[n - 1] != _I:
+        return -1
+    pos = 0
+    tag = -1
+    rows = 0
+    while pos < n - 6:
+        t = data[pos]
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if t == _D:
+            rows += 1
+        elif t == _C:
+            if tag >= 0:
+                return -1
+            tag = pos
+        elif t != _T:
+            return -1
+        pos += 1 + length
+    if pos != n - 6 or tag < 0:
+        return -1
+    return rows
+
+
+class CacheFront:
+    """One per proxy: the cache, its monitors and its policy."""
+
+    def __init__(self, settings: CacheSettings, fingerprinter: Fingerprinter) -> None:
+        self.settings = settings
+        self.mode = settings.mode
+        self.ttl = settings.ttl_s
+        self.require_triggers = settings.require_triggers
+        self.fingerprinter = fingerprinter
+        self.cache = ResultCache(settings.max_bytes, settings.max_result_bytes)
+        self.monitors: dict[str, InvalidationMonitor] = {}
+        self.fills = 0  # Fills started (for tests and the API)
+
+    # ------------------------------------------------------------------ monitors
+    def monitor_for(self, database: str, endpoint: Endpoint) -> InvalidationMonitor:
+        monitor = self.monitors.get(database)
+        if monitor is None:
+            monitor = self.monitors[database] = InvalidationMonitor(
+                self.cache, endpoint, self.settings.catalog_refresh_s)
+            monitor.start()
+        return monitor
+
+    async def stop(self) -> None:
+        for monitor in list(self.monitors.values()):
+            await monitor.stop()
+
+    # ------------------------------------------------------------------ reads
+    def lookup(self, sql: bytes, database: str, user: str, settings: str, encoding: str,
+               endpoint: Endpoint) -> bytes | Fill | None:
+        """A stored response (hit), a Fill (cacheable miss), or None (bypass, counted).
+
+        ``settings`` is every session setting that shapes a result (search_path, TimeZone,
+        DateStyle, client_encoding, ...) as one string: part of the key."""
+        cache = self.cache
+        if self.mode == "hinted" and b"pgsidecar:" not in sql:
+            cache.record_bypass("not_hinted")
+            return None
+        monitor = self.monitors.get(database) or self.monitor_for(database, endpoint)
+        if not monitor.ready:
+            cache.record_bypass("not_listening")
+            return None
+        fp = self.fingerprinter.of_bytes(sql, encoding)
+        decision = decide(fp, sql, mode=self.mode, in_transaction=False, default_ttl=self.ttl)
+        if not decision.cacheable:
+            cache.record_bypass(_bypass_label(decision.reason))
+            return None
+        writers = monitor.writer_functions
+        if writers:
+            for function in fp.functions:
+                if function.rsplit(".", 1)[-1] in writers:
+                    cache.record_bypass("writer_function")
+                    return None
+        if self.require_triggers:
+            tracked = monitor.tracked
+            for table in decision.tables:
+                if table_match_key(table) not in tracked:
+                    cache.record_bypass("no_trigger")
+                    return None
+        key = cache_key(database, user, settings, sql)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        self.fills += 1
+        return Fill(key, decision.tables, decision.ttl, cache.begin_read(decision.tables),
+                    cache.max_result_bytes + 6)
+
+    def finish(self, fill: Fill, status: int) -> bool:
+        """The ReadyForQuery that ends ``fill`` came with ``status``: store it if it may be."""
+        cache = self.cache
+        if fill.dead:
+            cache.record_rejected("too_large")
+            return False
+        data = fill.parts[0] if len(fill.parts) == 1 else b"".join(fill.parts)
+        rows = _check_response(data) if status == _I else -1
+        if rows < 0:
+            cache.record_rejected("not_a_result")
+            return False
+        return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token)
+
+    # ------------------------------------------------------------------ writes
+    def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None) -> tuple[int, tuple[str, ...]]:
+        """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK, tables written)."""
+        fp = self.fingerprinter.of_bytes(sql, encoding)
+        kind = fp.kind
+        writers = monitor.writer_functions if monitor is not None else frozenset()
+        if writers:
+            for function in fp.functions:
+                if function.rsplit(".", 1)[-1] in writers:
+                    return FLUSH, ()
+        if kind == "select":
+            return (READ, ()) if fp.read_only else (WRITE, fp.tables)
+        if kind == "transaction":
+            head = fp.normalized.lstrip().upper()
+            if head.startswith(_ROLLBACK) and not head.startswith(("ROLLBACK TO", "ROLLBACK PREPARED")):
+                return ROLLBACK, ()
+            if head.startswith("COMMIT PREPARED"):
+                return FLUSH, ()
+            return READ, ()
+        if kind == "utility":
+            head = fp.normalized.lstrip().upper()
+            if head.startswith(_UNKNOWN_WRITERS):
+                return FLUSH, ()
+            return READ, ()
+        if kind == "ddl":
+            # CREATE FUNCTION/TRIGGER, ALTER, DROP, TRUNCATE, REFRESH ...: its tables (if any) are
+            # written, and the triggers or functions the cache relies on may have changed.
+            return DDL, fp.tables
+        if kind == "unknown" or not fp.tables:
+            return FLUSH, ()  # did not parse, or a write whose tables are not named
+        return WRITE, fp.tables
+
+    def commit(self, written: set[str], flush: bool, monitor: InvalidationMonitor | None, ddl: bool) -> None:
+        """A transaction that wrote committed (or an autocommit write finished)."""
+        if flush:
+            self.cache.flush("proxy")
+        elif written:
+            self.cache.invalidate(written, "proxy")
+        if ddl and monitor is not None:
+            monitor.refresh_soon()
+
