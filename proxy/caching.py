@@ -33,9 +33,10 @@ Choices where the issue is silent:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .cache import ReadToken, ResultCache, cache_key, decide, table_match_key
+from .cache import CacheSnapshot, ReadToken, ResultCache, cache_key, decide, table_match_key
 from .invalidation import InvalidationMonitor
 
 if TYPE_CHECKING:
@@ -58,6 +59,29 @@ WRITE = 1  # writes the tables returned
 FLUSH = 2  # may write anything: flush at commit
 ROLLBACK = 3  # ends the transaction without committing it
 DDL = 4  # writes the tables returned, and may change the catalog facts (triggers, functions)
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSnapshot:
+    """One database's LISTEN connection, for the API and metrics."""
+
+    database: str
+    ready: bool  # listening: results of this database are served and stored
+    tracked_tables: int  # tables carrying the invalidation trigger
+    writer_functions: int  # user-defined VOLATILE functions (never cached; flush on commit)
+    notifications: int
+    connects: int
+    drops: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FrontSnapshot:
+    mode: str
+    ttl_s: float
+    require_triggers: bool
+    cache: CacheSnapshot
+    monitors: tuple[MonitorSnapshot, ...]
 
 
 class Fill:
@@ -141,6 +165,16 @@ class CacheFront:
     async def stop(self) -> None:
         for monitor in list(self.monitors.values()):
             await monitor.stop()
+
+    def snapshot(self) -> FrontSnapshot:
+        return FrontSnapshot(
+            mode=self.mode, ttl_s=self.ttl, require_triggers=self.require_triggers, cache=self.cache.snapshot(),
+            monitors=tuple(
+                MonitorSnapshot(database=m.database, ready=m.ready, tracked_tables=len(m.tracked),
+                                writer_functions=len(m.writer_functions), notifications=m.notifications,
+                                connects=m.connects, drops=m.drops, last_error=m.last_error)
+                for m in self.monitors.values()),
+        )
 
     # ------------------------------------------------------------------ reads
     def lookup(self, sql: bytes, database: str, user: str, settings: str, encoding: str,
