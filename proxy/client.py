@@ -621,6 +621,7 @@ class ClientSession(asyncio.Protocol):
         the next Sync (or the Query) is consumed, then ReadyForQuery follows. With ``one``,
         only the first such statement is answered.
         """
+        self._fill = None  # the statement it was collecting for never ran
         buf = self.buf
         pos = 0
         n = len(buf)
@@ -958,6 +959,10 @@ class ClientSession(asyncio.Protocol):
         start collecting its response when it may be stored (False: forward it)."""
         front = self._front
         assert front is not None
+        self._fill = None  # idle: whatever was collected before is over
+        if front.mode == "hinted" and buf.find(b"pgsidecar:", 5, end) < 0:
+            front.cache.record_bypass("not_hinted")  # the default mode's usual case: no copy
+            return False
         if self._stateful:
             front.cache.record_bypass("session_state")
             return False
