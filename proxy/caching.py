@@ -33,6 +33,8 @@ Choices where the issue is silent:
 """
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from .fingerprint import Fingerprinter
     from .server import Endpoint
 
+_H = struct.Struct("!h")
+_L = struct.Struct("!i")
 _D = ord("D")
 _T = ord("T")
 _C = ord("C")
@@ -87,9 +91,11 @@ class FrontSnapshot:
 class Fill:
     """A cacheable miss in flight: the response bytes as they are forwarded to the client."""
 
-    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead")
+    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead", "extended")
 
-    def __init__(self, key: bytes, tables: tuple[str, ...], ttl: float, token: ReadToken, limit: int) -> None:
+    def __init__(self, key: bytes, tables: tuple[str, ...], ttl: float, token: ReadToken, limit: int,
+                 extended: bool = False) -> None:
+        self.extended = extended
         self.key = key
         self.tables = tables
         self.ttl = ttl
@@ -115,8 +121,34 @@ def _bypass_label(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def _check_response(data: bytes) -> int:
-    """Rows of a storable response (T? D* C Z('I')), or -1 when it must not be stored."""
+_SIMPLE_TYPES = frozenset(b"T")
+# Extended protocol: ParseComplete, BindComplete, ParameterDescription, NoData, RowDescription.
+_EXTENDED_TYPES = frozenset(b"12tnT")
+_VOLATILE_PARAM = re.compile(rb"\b(?:now|today|tomorrow|yesterday)\b", re.IGNORECASE)
+
+
+def volatile_params(bind: bytes, pos: int) -> bool:
+    """True if a text parameter of the Bind message body ``bind`` (its parameter count at
+    ``pos``) is a datetime input read from the clock ('now', 'today', ...)."""
+    (count,) = _H.unpack_from(bind, pos)
+    pos += 2 + 2 * count  # parameter format codes
+    (params,) = _H.unpack_from(bind, pos)
+    pos += 2
+    for _ in range(params):
+        (length,) = _L.unpack_from(bind, pos)
+        pos += 4
+        if 0 < length <= 64 and _VOLATILE_PARAM.search(bind, pos, pos + length) is not None:
+            return True
+        if length > 0:
+            pos += length
+    return False
+
+
+def _check_response(data: bytes, extended: bool = False) -> int:
+    """Rows of a storable response, or -1 when it must not be stored. Simple protocol:
+    T D* C Z('I'); extended: any of ParseComplete, BindComplete, ParameterDescription, NoData,
+    RowDescription, then D* C Z('I'). Never an error, notice, notification or ParameterStatus."""
+    allowed = _EXTENDED_TYPES if extended else _SIMPLE_TYPES
     n = len(data)
     if n < 6 or data[n - 6] != _Z or data[n - 1] != _I:
         return -1
@@ -132,7 +164,7 @@ def _check_response(data: bytes) -> int:
             if tag >= 0:
                 return -1
             tag = pos
-        elif t != _T:
+        elif t not in allowed:
             return -1
         pos += 1 + length
     if pos != n - 6 or tag < 0:
@@ -178,11 +210,13 @@ class CacheFront:
 
     # ------------------------------------------------------------------ reads
     def lookup(self, sql: bytes, database: str, user: str, settings: str, encoding: str,
-               endpoint: Endpoint) -> bytes | Fill | None:
+               endpoint: Endpoint, segment: bytes = b"") -> bytes | Fill | None:
         """A stored response (hit), a Fill (cacheable miss), or None (bypass, counted).
 
         ``settings`` is every session setting that shapes a result (search_path, TimeZone,
-        DateStyle, client_encoding, ...) as one string: part of the key."""
+        DateStyle, client_encoding, ...) as one string: part of the key. ``segment``, for the
+        extended protocol, is the client's messages up to Sync with statement names replaced by
+        their text (so Bind parameters, formats and Describes are in the key); empty for a Query."""
         cache = self.cache
         if self.mode == "hinted" and b"pgsidecar:" not in sql:
             cache.record_bypass("not_hinted")
@@ -208,13 +242,13 @@ class CacheFront:
                 if table_match_key(table) not in tracked:
                     cache.record_bypass("no_trigger")
                     return None
-        key = cache_key(database, user, settings, sql)
+        key = cache_key(database, user, settings, sql, segment)
         hit = cache.get(key)
         if hit is not None:
             return hit
         self.fills += 1
         return Fill(key, decision.tables, decision.ttl, cache.begin_read(decision.tables),
-                    cache.max_result_bytes + 6)
+                    cache.max_result_bytes + 6, bool(segment))
 
     def finish(self, fill: Fill, status: int) -> bool:
         """The ReadyForQuery that ends ``fill`` came with ``status``: store it if it may be."""
@@ -223,7 +257,7 @@ class CacheFront:
             cache.record_rejected("too_large")
             return False
         data = fill.parts[0] if len(fill.parts) == 1 else b"".join(fill.parts)
-        rows = _check_response(data) if status == _I else -1
+        rows = _check_response(data, fill.extended) if status == _I else -1
         if rows < 0:
             cache.record_rejected("not_a_result")
             return False

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as pq
 from .auth import AuthFailed
-from .caching import DDL, FLUSH, READ, WRITE, Fill
+from .caching import DDL, FLUSH, READ, WRITE, Fill, volatile_params
 from .errors import ProxyError
 from .stats import Scope
 from .server import (
@@ -69,6 +69,7 @@ _COPY = frozenset((ord("d"), ord("c"), ord("f")))
 _IDLE = ord("I")
 _KNOWN = frozenset(b"QPBDESCHXFdcf")
 _PAUSE_BUFFER = 256 * 1024
+_SYNC_MSG = b"S\x00\x00\x00\x04"
 
 # Startup parameters that are not session settings.
 _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
@@ -241,6 +242,9 @@ class ClientSession(asyncio.Protocol):
                     n -= end
                 if not n:
                     return
+            elif (self._front is not None and (data[0] == _P or data[0] == _B) and data.endswith(_SYNC_MSG)
+                    and self._idle() and self._segment_from_cache(data, n)):
+                return  # an extended-protocol segment answered from the cache
             if n >= 5 and data[0] != _X and 1 + _LEN.unpack_from(data, 1)[0] <= n:
                 server = self.server
                 if server is None:
@@ -983,6 +987,104 @@ class ClientSession(asyncio.Protocol):
         if self.measure:
             self._record(sql, start, 0.0, int.from_bytes(found[:8], "big"), None)
         return True
+
+    def _segment_from_cache(self, data: bytes, n: int) -> bool:
+        """``data`` is exactly one extended-protocol segment (Parse?, Bind, Describe?, Execute,
+        Sync), sent while idle: answer it from the cache (True), or start collecting its response
+        when it may be stored (False: forward it). Anything else in it (Close, Flush, several
+        Executes, an unknown statement) bypasses."""
+        front = self._front
+        assert front is not None
+        self._fill = None
+        if self._stateful:
+            front.cache.record_bypass("session_state")
+            return False
+        statements = self.statements
+        parsed: dict[bytes, bytes] = {}  # names parsed in this segment -> text
+        parses: list[tuple[bytes, bytes, bytes]] = []  # (name, body after the name, text)
+        parts: list[bytes] = []
+        text = b""
+        binds = executes = 0
+        pos = 0
+        try:
+            while pos < n:
+                t = data[pos]
+                end = pos + 1 + _LEN.unpack_from(data, pos + 1)[0]
+                if end > n:
+                    return False
+                if t == _P:
+                    nul = data.index(0, pos + 5, end)
+                    qend = data.index(0, nul + 1, end)
+                    name = bytes(data[pos + 5 : nul])
+                    rest = bytes(data[nul + 1 : end])
+                    sql = bytes(data[nul + 1 : qend])
+                    parsed[name] = sql
+                    parses.append((name, rest, sql))
+                    parts.append(b"P" + rest)
+                elif t == _B:
+                    p1 = data.index(0, pos + 5, end)
+                    p2 = data.index(0, p1 + 1, end)
+                    sql = self._text_of(bytes(data[p1 + 1 : p2]), parsed)
+                    if not sql:
+                        return False
+                    if volatile_params(data, p2 + 1):
+                        front.cache.record_bypass("volatile_literal")
+                        return False
+                    text = sql
+                    parts.append(b"B" + bytes(data[pos + 5 : p1 + 1]) + sql + bytes(data[p2:end]))
+                    binds += 1
+                elif t == _D:
+                    if data[pos + 5] == _S:
+                        parts.append(b"DS" + self._text_of(bytes(data[pos + 6 : end - 1]), parsed))
+                    else:
+                        parts.append(bytes(data[pos:end]))
+                elif t == _E:
+                    parts.append(bytes(data[pos:end]))
+                    executes += 1
+                elif t != _S or end != n:
+                    return False
+                pos = end
+        except (ValueError, IndexError):
+            return False  # malformed: the normal path reports it
+        if binds != 1 or executes != 1:
+            return False
+        start = time.monotonic()
+        found = front.lookup(text, self.database, self.user, self._cache_settings, self._encoding,
+                             self.pool.endpoint, b"E" + b"".join(parts))  # type: ignore[union-attr]
+        if found is None:
+            return False
+        if isinstance(found, Fill):
+            self._fill = found
+            return False
+        # A hit: the statements the segment parsed exist for this client from now on, as if
+        # the server had prepared them (the server names are prepared on demand later).
+        pool = self.pool
+        assert pool is not None
+        for name, rest, sql in parses:
+            if name:
+                sname = pool.statement_names.get(rest)
+                if sname is None:
+                    sname = pool.new_statement_name(rest)
+                statements[name] = (sname, rest, sql)
+            else:
+                self._unnamed_sql = sql
+        if self.closed or self.transport is None:
+            return True
+        self.transport.write(memoryview(found)[8:])
+        self.transactions += 1
+        if self.measure:
+            self._record(text, start, 0.0, int.from_bytes(found[:8], "big"), None)
+        return True
+
+    def _text_of(self, name: bytes, parsed: dict[bytes, bytes]) -> bytes:
+        """The text of statement ``name``: parsed in the segment at hand, or earlier (b"": unknown)."""
+        sql = parsed.get(name)
+        if sql is not None:
+            return sql
+        if not name:
+            return self._unnamed_sql
+        entry = self.statements.get(name)
+        return entry[2] if entry is not None else b""
 
     def _classify(self, sql: bytes) -> None:
         """Note what a statement of the open transaction writes, for invalidation at commit."""

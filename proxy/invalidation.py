@@ -77,7 +77,7 @@ _WRITER_FUNCTIONS_SQL = """
 SELECT DISTINCT p.proname
 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND p.provolatile = 'v'
+  AND p.provolatile = 'v' AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT 1 FROM pg_depend AS d
                   WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
 """
