@@ -3,8 +3,8 @@
 Owns the glue between sessions and the cache (issue 4): ``CacheFront`` (one per proxy) holds the
 ``ResultCache``, one ``InvalidationMonitor`` per database, and the settings; sessions call it
 
-- ``lookup`` for a simple-protocol Query while the client is idle (no transaction open, nothing
-  outstanding): a hit returns the stored response to replay, a cacheable miss a ``Fill`` that
+- ``lookup`` for a simple-protocol Query or an extended-protocol segment while the client is
+  idle (no transaction open, nothing outstanding): a hit returns the stored response to replay, a cacheable miss a ``Fill`` that
   collects the server's response as it is forwarded, anything else None (counted by reason);
 - ``finish`` at the ReadyForQuery that ends a Fill: the response is stored only if it is exactly
   RowDescription/DataRow*/CommandComplete/ReadyForQuery('I') (no error, notice, notification or
@@ -19,9 +19,14 @@ response bytes, ReadyForQuery included, exactly as they came. A hit is replayed 
 
 Choices where the issue is silent:
 
-- Only the simple protocol is cached for now (what psycopg2, SQLAlchemy on psycopg2, psql and
-  pgbench -M simple use). Extended-protocol statements pass through uncached but their writes do
-  invalidate.
+- Both protocols are cached. Simple: a Query of one SELECT. Extended: a segment that is exactly
+  Parse?, Bind, Describe?, Execute, Sync arriving in one read (psycopg 3, asyncpg, pgbench -M
+  extended/prepared, JDBC), keyed by the statement's text, the Parse parameter types, the Bind
+  parameter values and formats, the result formats and the Describes; a hit replays the whole
+  segment's response (ParseComplete, BindComplete, ...) and registers the named statements the
+  segment parsed, as if a server had prepared them. Segments with Close, Flush, several Executes
+  or a statement the proxy does not know pass through uncached; a Bind parameter that reads the
+  clock ('now', 'today', ...) bypasses ("volatile_literal").
 - With ``cache.require_triggers`` (default) only results whose every table carries the invalidation
   trigger are cached ("no_trigger" otherwise): then writes that bypass the proxy are seen too, and
   views, materialized views and foreign tables (which cannot carry it) are never cached.
