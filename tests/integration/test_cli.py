@@ -124,3 +124,65 @@ def test_check_config_redacts_secrets() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "hunter2" not in proc.stdout and "tok3n" not in proc.stdout
     assert "db.internal" in proc.stdout
+
+
+def _cache_cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "cache", *args, "--upstream", dsn], env=_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def _triggered_tables(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE t.tgname = 'pgsidecar_cache_invalidate'").fetchall()
+    return {r[0] for r in rows}
+
+
+def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any) -> None:
+    # A database of its own: "every table" and "remove" must not touch other tests' tables.
+    admin = direct()
+    admin.execute("DROP DATABASE IF EXISTS cli_cache WITH (FORCE)")
+    admin.execute("CREATE DATABASE cli_cache")
+    dsn = pg_server.with_database("cli_cache").dsn
+    conn = direct(dbname="cli_cache")
+    conn.execute("CREATE SCHEMA s")
+    conn.execute("CREATE TABLE s.a (id int)")
+    conn.execute("CREATE TABLE s.b (id int)")
+    conn.execute("CREATE VIEW s.v AS SELECT * FROM s.a")
+    try:
+        done = _cache_cli("install-triggers", "s.a", dsn=dsn)
+        assert done.returncode == 0, done.stderr
+        assert "installed on 1 table(s) in cli_cache: s.a" in done.stdout
+        assert _triggered_tables(conn) == {"a"}
+
+        # The trigger notifies the table's name when a write commits, and nothing on rollback.
+        listener = direct(dbname="cli_cache")
+        listener.execute("LISTEN pgsidecar_cache")
+        with conn.transaction(force_rollback=True):
+            conn.execute("INSERT INTO s.a VALUES (1)")
+        conn.execute("INSERT INTO s.a VALUES (2)")
+        notes = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+        assert notes == ['["a"]']
+
+        unknown = _cache_cli("install-triggers", "s.nope", dsn=dsn)
+        assert unknown.returncode == 1 and "does not exist" in unknown.stderr
+        view = _cache_cli("install-triggers", "s.v", dsn=dsn)
+        assert view.returncode == 1 and "is not a table" in view.stderr
+
+        everything = _cache_cli("install-triggers", dsn=dsn)
+        assert everything.returncode == 0, everything.stderr
+        assert _triggered_tables(conn) == {"a", "b"}
+
+        removed = _cache_cli("remove-triggers", dsn=dsn)
+        assert removed.returncode == 0, removed.stderr
+        assert _triggered_tables(conn) == set()
+        assert conn.execute("SELECT to_regproc('public.pgsidecar_cache_notify')").fetchone() == (None,)
+    finally:
+        conn.close()
+        admin.execute("DROP DATABASE cli_cache WITH (FORCE)")
+
+
+def test_cache_command_without_upstream_names_what_is_missing() -> None:
+    done = subprocess.run([sys.executable, "-m", "agent", "cache", "install-triggers"], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "DATABASE_URL" in done.stderr
