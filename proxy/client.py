@@ -884,7 +884,10 @@ class ClientSession(asyncio.Protocol):
                 self._fill = None
                 self._front.finish(fill, status)
             if status == _IDLE and (self._written or self._flush or self._ddl or self._unnoted):
-                self._commit(server is None or not server.pending)
+                if self._written or self._flush or self._ddl or self._front.fills:
+                    self._commit(server is None or not server.pending)
+                else:
+                    self._unnoted = False  # still nothing ever cached: nothing to invalidate
         if server is None or server.pending:
             return
         self.transactions += status == _IDLE

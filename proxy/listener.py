@@ -171,8 +171,13 @@ class ProxyServer:
         return session
 
     async def _reap_forever(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
+            front = self.cache_front
+            if front is not None and ticks % 10 == 0 and len(front.cache):
+                front.cache.purge_expired()  # expired results free their memory within ~10 s
             for pool in list(self.pools.values()):
                 try:
                     pool.reap()
