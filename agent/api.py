@@ -1,4 +1,6 @@
-"""The query API (issue 3): what the proxy has seen, per fingerprint, as JSON.
+"""The agent's JSON API: the query API (issue 3) and the result cache API (issue 4).
+
+Queries, what the proxy has seen per fingerprint:
 
 - ``GET /api/queries/top?by=total_time|calls|mean|p95|errors|rows&limit=N``
 - ``GET /api/queries/slow?limit=N``: most recent first, each with its SQL pretty-printed
@@ -9,6 +11,19 @@
 Statements carry normalised text only (``$n`` for every literal): nothing here shows a literal
 value, a bind parameter or a row. Bad parameters get 400 with a JSON message; with statistics
 off (``stats.enabled: false``) every endpoint answers 404 saying so.
+
+The result cache:
+
+- ``GET /api/cache?limit=N``: mode, TTL, the counters of ``pgsidecar_cache_*`` (requests by result,
+  bypasses, rejections, evictions, invalidations), hit ratio, occupancy, each database's LISTEN
+  connection, and ``top``: the N (default 20) entries with most hits, each as key (hex), tables,
+  bytes, hits, age_s, ttl_s (never SQL text or rows). With ``cache.mode: off``: 200 and
+  ``{"mode": "off", "enabled": false, ...}``.
+- ``POST /api/cache/flush``: admin only, as ``/api/queries/reset``; drops every entry (counted as
+  an invalidation with source "flush") and answers ``{"flushed": <entries removed>}``; 409 when
+  the cache is off.
+
+Both read the cache directly: the agent runs on the proxy's event loop.
 """
 from __future__ import annotations
 
@@ -18,14 +33,18 @@ import hmac
 import ipaddress
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from proxy.cache import INVALIDATION_SOURCES, CacheEntrySnapshot
+from proxy.caching import CacheFront, MonitorSnapshot
 from proxy.explain import Plan
 from proxy.stats import LATENCY_BUCKETS, TOP_ORDERS, FingerprintSnapshot, QueryStats, SlowQuery, pretty_sql
 
 from . import keys
+from .metrics import CACHE_EVICTION_REASONS, cache_counts, cache_hit_ratio
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +200,64 @@ class QueryApi:
         return web.json_response({"reset": True, "fingerprints_forgotten": forgotten})
 
 
+def _entry_doc(entry: CacheEntrySnapshot) -> dict[str, Any]:
+    return {"key": entry.key, "tables": list(entry.tables), "bytes": entry.bytes, "hits": entry.hits,
+            "age_s": round(entry.age_s, 3), "ttl_s": round(entry.ttl_s, 3)}
+
+
+def _monitor_doc(monitor: MonitorSnapshot) -> dict[str, Any]:
+    return {"database": monitor.database, "listening": monitor.ready, "tracked_tables": monitor.tracked_tables,
+            "writer_functions": monitor.writer_functions, "notifications": monitor.notifications,
+            "connects": monitor.connects, "drops": monitor.drops, "last_error": monitor.last_error}
+
+
+class CacheApi:
+    """``/api/cache`` and ``/api/cache/flush``; ``require_admin`` is the query API's check (one
+    warning per app about an open admin endpoint, not one per API)."""
+
+    def __init__(self, app: web.Application, require_admin: Callable[[web.Request], None]) -> None:
+        self.app = app
+        self.require_admin = require_admin
+
+    def _front(self) -> CacheFront | None:
+        return self.app[keys.PROXY].cache_front
+
+    async def show(self, request: web.Request) -> web.Response:
+        limit = _limit(request)
+        front = self._front()
+        if front is None:
+            return web.json_response({"mode": "off", "enabled": False,
+                                      "message": "the result cache is off (cache.mode: off)"})
+        snap = front.snapshot()
+        cache = snap.cache
+        bypasses = cache_counts(cache.bypasses)
+        return web.json_response({
+            "mode": snap.mode, "enabled": True, "ttl_s": snap.ttl_s, "require_triggers": snap.require_triggers,
+            "paused": cache.paused,
+            "requests": {"hit": cache.hits, "miss": cache.misses, "bypass": sum(bypasses.values())},
+            "hit_ratio": cache_hit_ratio(cache.hits, cache.misses),
+            "bypasses": bypasses, "stores": cache.stores, "rejected": cache_counts(cache.rejected),
+            "evictions": cache_counts(cache.evictions, CACHE_EVICTION_REASONS),
+            "invalidations": cache_counts(cache.invalidations, INVALIDATION_SOURCES),
+            "entries": cache.entries, "bytes": cache.bytes, "max_bytes": cache.max_bytes,
+            "max_result_bytes": cache.max_result_bytes,
+            "databases": [_monitor_doc(m) for m in sorted(snap.monitors, key=lambda m: m.database)],
+            "limit": limit, "top": [_entry_doc(e) for e in front.cache.top(limit)],
+        })
+
+    async def flush(self, request: web.Request) -> web.Response:
+        self.require_admin(request)
+        front = self._front()
+        if front is None:
+            raise web.HTTPConflict(
+                text=_json({"error": "the result cache is off (cache.mode: off): nothing to flush", "status": 409}),
+                content_type="application/json",
+            )
+        flushed = front.cache.flush("flush")
+        log.info("cache_flushed", extra={"entries": flushed, "by": request.remote})
+        return web.json_response({"flushed": flushed})
+
+
 def _is_loopback(remote: str | None) -> bool:
     if not remote:
         return False
@@ -190,10 +267,13 @@ def _is_loopback(remote: str | None) -> bool:
         return False
 
 
-def setup_query_api(app: web.Application) -> None:
-    """Register /api/queries/*."""
+def setup_api(app: web.Application) -> None:
+    """Register /api/queries/* and /api/cache*."""
     api = QueryApi(app)
     app.router.add_get("/api/queries/top", api.top)
     app.router.add_get("/api/queries/slow", api.slow)
     app.router.add_post("/api/queries/reset", api.reset)
     app.router.add_get("/api/queries/{fingerprint}", api.one)
+    cache = CacheApi(app, api._require_admin)  # noqa: SLF001 - one admin check (and warning) per app
+    app.router.add_get("/api/cache", cache.show)
+    app.router.add_post("/api/cache/flush", cache.flush)

@@ -7,7 +7,7 @@ from config.settings import Settings
 from proxy.listener import ProxyServer
 
 from . import keys
-from .api import setup_query_api
+from .api import setup_api
 from .metrics import setup_metrics
 
 
@@ -38,5 +38,5 @@ def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
     app[keys.PROXY] = proxy
     app.router.add_get("/healthz", healthz)
     setup_metrics(app)
-    setup_query_api(app)
+    setup_api(app)
     return app

@@ -6,6 +6,9 @@ global registry, so two proxies and two agents can live in one process) and regi
 - ``ProxyCollector``: reads ``ProxyServer.snapshot()`` and ``query_stats().snapshot()`` at scrape
   time (CONVENTIONS habit 10): queries per (database, user, kind, status), their duration
   histograms, slow statements, pool and client connection states, checkout waits.
+- ``CacheCollector``: reads ``ProxyServer.cache_front.snapshot()`` at scrape time (nothing when
+  ``cache.mode: off``): the result cache's requests, bypass reasons, occupancy, stores, rejections,
+  evictions, invalidations and each database's LISTEN connection.
 - ``ProcessCollector`` (prometheus_client, ``process_*``) and ``ProcessDetailCollector`` (psutil:
   threads, open fds, CPU percent).
 - ``LoopLagMonitor`` (``keys.LOOP_LAG``): a task, run by one ``cleanup_ctx``, that sleeps
@@ -31,6 +34,20 @@ The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
   ``pgsidecar_pool_pinned_clients_total{reason}``
 - clients: ``pgsidecar_client_connections{state}`` (active, idle, waiting; pinned overlaps),
   ``pgsidecar_client_connections_accepted_total``, ``pgsidecar_client_connections_rejected_total``
+- result cache (absent with ``cache.mode: off``): ``pgsidecar_cache_requests_total{result}`` (hit,
+  miss, bypass: a statement looked up while the client had no transaction open; bypass is the sum
+  of every reason), ``pgsidecar_cache_bypasses_total{reason}`` (not_hinted, not_listening,
+  no_trigger, session_state, not_select, volatile_function, writer_function, paused, ...: the part
+  before any ``:``, so never a function or table name), ``pgsidecar_cache_hit_ratio`` (hits /
+  (hits + misses), 0 before the first), ``pgsidecar_cache_bytes``, ``pgsidecar_cache_max_bytes``,
+  ``pgsidecar_cache_entries``, ``pgsidecar_cache_stores_total``,
+  ``pgsidecar_cache_rejected_total{reason}`` (too_large, stale, paused, no_ttl, expired,
+  not_a_result, pipelined), ``pgsidecar_cache_evictions_total{reason}`` (lru, ttl, invalidation,
+  flush: all four always present), ``pgsidecar_cache_invalidations_total{source}`` (proxy, notify,
+  ttl, flush: all four always present); per database with a LISTEN connection
+  ``pgsidecar_cache_listen_up{database}`` (1 while listening: results are served and stored),
+  ``pgsidecar_cache_notifications_total{database}``, ``pgsidecar_cache_listen_drops_total{database}``,
+  ``pgsidecar_cache_tracked_tables{database}`` (tables carrying the invalidation trigger)
 - process: ``process_*`` (prometheus_client), ``pgsidecar_process_threads``,
   ``pgsidecar_process_open_fds``, ``pgsidecar_process_cpu_percent``
 - event loop: ``pgsidecar_event_loop_lag_seconds`` (last), and the histogram
@@ -39,7 +56,8 @@ The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
 - agent HTTP: ``pgsidecar_http_requests_total{method,endpoint,status}``,
   ``pgsidecar_http_request_duration_seconds{method,endpoint}``
 
-Labels are bounded: database and user (one pool each), statement kind, pool name, route pattern
+Labels are bounded: database and user (one pool each), statement kind, pool name, cache reasons
+and sources (fixed words), route pattern
 (``/api/queries/{fingerprint}``, never the raw path; "unmatched" for unknown paths), method
 (unknown methods are "other"). Never SQL text or a fingerprint.
 
@@ -64,6 +82,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
+from proxy.cache import INVALIDATION_SOURCES
 from proxy.listener import ProxyServer
 from proxy.pool import CHECKOUT_BUCKETS
 from proxy.stats import FingerprintSnapshot
@@ -77,6 +96,8 @@ TOP_N_MAX = 100  # stats.prometheus_top_n is capped: fingerprints as labels must
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: HTTP methods kept as label values; anything else a client sends is counted as "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: Cache eviction reasons always exposed (0 until they happen), so rate() has a series from the start.
+CACHE_EVICTION_REASONS = ("lru", "ttl", "invalidation", "flush")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -220,6 +241,102 @@ def _top_fingerprints(top: list[FingerprintSnapshot]) -> Iterator[Metric]:
     yield from (calls, seconds, errors, p95)
 
 
+def cache_counts(counts: dict[str, int], always: tuple[str, ...] = ()) -> dict[str, int]:
+    """Cache counters by reason (or source), sorted: ``always`` present (0 until counted), and each
+    reason cut at its first ``:`` (``volatile_function:now`` counts as ``volatile_function``) so the
+    labels stay a fixed set of words. Shared with ``/api/cache``."""
+    out = dict.fromkeys(always, 0)
+    for reason, count in counts.items():
+        word = reason.split(":", 1)[0]
+        out[word] = out.get(word, 0) + count
+    return dict(sorted(out.items()))
+
+
+def cache_hit_ratio(hits: int, misses: int) -> float:
+    """hits / (hits + misses), 0.0 before the first lookup that reached the store."""
+    looked_up = hits + misses
+    return hits / looked_up if looked_up else 0.0
+
+
+class CacheCollector:
+    """The result cache (issue 4), read from ``CacheFront.snapshot()`` at scrape time.
+
+    Reads ``proxy.cache_front`` at every scrape: nothing at all when the cache is off (None).
+    Runs on the proxy's loop, like ``ProxyCollector``."""
+
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        front = self.proxy.cache_front
+        if front is None:  # cache.mode: off
+            return
+        snap = front.snapshot()
+        cache = snap.cache
+        bypassed = sum(cache.bypasses.values())
+
+        requests = CounterMetricFamily(
+            "pgsidecar_cache_requests",
+            "Statements looked up in the result cache (sent while no transaction was open): hit, miss "
+            "(forwarded; stored when it may be), bypass (not cacheable, by reason in "
+            "pgsidecar_cache_bypasses_total).", labels=["result"])
+        for result, value in (("hit", cache.hits), ("miss", cache.misses), ("bypass", bypassed)):
+            requests.add_metric([result], value)
+        yield requests
+        bypasses = CounterMetricFamily("pgsidecar_cache_bypasses",
+                                       "Statements that did not use the result cache, by reason.", labels=["reason"])
+        for reason, count in cache_counts(cache.bypasses).items():
+            bypasses.add_metric([reason], count)
+        yield bypasses
+        yield GaugeMetricFamily("pgsidecar_cache_hit_ratio",
+                                "Result cache hits / (hits + misses) since start; 0 before the first.",
+                                value=cache_hit_ratio(cache.hits, cache.misses))
+        yield GaugeMetricFamily("pgsidecar_cache_bytes",
+                                "Bytes the cached results occupy (responses, keys and per-entry overhead).",
+                                value=cache.bytes)
+        yield GaugeMetricFamily("pgsidecar_cache_max_bytes", "Configured cache.max_bytes.", value=cache.max_bytes)
+        yield GaugeMetricFamily("pgsidecar_cache_entries", "Results in the cache.", value=cache.entries)
+        yield CounterMetricFamily("pgsidecar_cache_stores", "Results stored in the cache.", value=cache.stores)
+        rejected = CounterMetricFamily("pgsidecar_cache_rejected",
+                                       "Cacheable misses whose response was not stored, by reason.",
+                                       labels=["reason"])
+        for reason, count in cache_counts(cache.rejected).items():
+            rejected.add_metric([reason], count)
+        yield rejected
+        evictions = CounterMetricFamily("pgsidecar_cache_evictions",
+                                        "Results removed from the cache, by reason.", labels=["reason"])
+        for reason, count in cache_counts(cache.evictions, CACHE_EVICTION_REASONS).items():
+            evictions.add_metric([reason], count)
+        yield evictions
+        invalidations = CounterMetricFamily(
+            "pgsidecar_cache_invalidations",
+            "Invalidation events, by source: proxy (a write through the proxy committed), notify (a "
+            "trigger's notification), ttl, flush (API, or the LISTEN connection dropped).", labels=["source"])
+        for source, count in cache_counts(cache.invalidations, INVALIDATION_SOURCES).items():
+            invalidations.add_metric([source], count)
+        yield invalidations
+
+        labels = ["database"]
+        up = GaugeMetricFamily("pgsidecar_cache_listen_up",
+                               "1 while the database's LISTEN connection is up (its results are served and "
+                               "stored), else 0.", labels=labels)
+        notifications = CounterMetricFamily("pgsidecar_cache_notifications",
+                                            "Invalidation notifications received.", labels=labels)
+        drops = CounterMetricFamily("pgsidecar_cache_listen_drops",
+                                    "Times the LISTEN connection was lost (the cache is flushed each time).",
+                                    labels=labels)
+        tracked = GaugeMetricFamily("pgsidecar_cache_tracked_tables",
+                                    "Tables carrying the invalidation trigger, at the last catalog read.",
+                                    labels=labels)
+        for monitor in sorted(snap.monitors, key=lambda m: m.database):
+            name = [monitor.database]
+            up.add_metric(name, 1.0 if monitor.ready else 0.0)
+            notifications.add_metric(name, monitor.notifications)
+            drops.add_metric(name, monitor.drops)
+            tracked.add_metric(name, monitor.tracked_tables)
+        yield from (up, notifications, drops, tracked)
+
+
 class ProcessDetailCollector:
     """What prometheus_client's ProcessCollector leaves out, from psutil (one Process object,
     so ``cpu_percent`` measures from one scrape to the next)."""
@@ -337,6 +454,7 @@ def setup_metrics(app: web.Application) -> None:
     registry = CollectorRegistry()
     app[keys.REGISTRY] = registry
     registry.register(ProxyCollector(app[keys.PROXY], _version()))
+    registry.register(CacheCollector(app[keys.PROXY]))
     ProcessCollector(registry=registry)
     registry.register(ProcessDetailCollector())
     monitor = app[keys.LOOP_LAG] = LoopLagMonitor()
