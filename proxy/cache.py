@@ -80,7 +80,8 @@ Store decisions (``ResultCache``):
   hit nor a miss); ``stores``; ``evictions`` by reason (lru, ttl, invalidation, flush);
   ``rejected`` puts by reason (too_large, stale, paused, no_ttl, expired: the read outlasted the
   TTL); ``invalidations`` events by
-  source; ``bypasses`` by the reason the caller passes to ``record_bypass`` (``decide``'s reasons).
+  source (one "ttl" event per entry that expired, when ``get`` or ``purge_expired`` removes it);
+  ``bypasses`` by the reason the caller passes to ``record_bypass`` (``decide``'s reasons).
   Overwriting a key replaces the entry without counting an eviction.
 - Not thread-safe: one cache per proxy, used from its event loop.
 """
@@ -381,6 +382,7 @@ class ResultCache:
             return None
         if entry.expires_at <= self._clock():
             self._remove(key, "ttl")
+            self._invalidations["ttl"] = self._invalidations.get("ttl", 0) + 1
             self.misses += 1
             return None
         self._entries.move_to_end(key)
@@ -485,6 +487,8 @@ class ResultCache:
         expired = [key for key, entry in self._entries.items() if entry.expires_at <= now]
         for key in expired:
             self._remove(key, "ttl")
+        if expired:
+            self._invalidations["ttl"] = self._invalidations.get("ttl", 0) + len(expired)
         return len(expired)
 
     # -- reading the state --------------------------------------------------------------------------

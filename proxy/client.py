@@ -695,8 +695,11 @@ class ClientSession(asyncio.Protocol):
         dropping = server.skipping and server.discarding()
         measure = self.measure
         front = self._front
-        if front is not None and self._fill is not None and pending:
-            self._fill = None  # pipelined behind a cacheable miss: its response is not stored
+        if front is not None and self._fill is not None and any(r.action == FORWARD for r in pending):
+            # Pipelined behind a cacheable miss: its response is not stored. (Only the client's
+            # own requests count: the SETs that bring a fresh server in line with the client's
+            # settings are answered to nobody.)
+            self._fill = None
             front.cache.record_rejected("pipelined")
         if measure:
             # When this batch arrived: it may have waited for a server connection meanwhile.
@@ -724,6 +727,8 @@ class ClientSession(asyncio.Protocol):
                 sql = bytes(buf[pos + 5 : end - 1])
                 self._inspect(sql, server)
                 if front is not None:
+                    if server.txn != _IDLE:
+                        front.cache.record_bypass("in_transaction")  # never looked up, counted
                     self._classify(sql)
                 if measure:
                     inflight.append((sql, now, waited, True))
@@ -738,6 +743,8 @@ class ClientSession(asyncio.Protocol):
                     if self._segment is None:
                         self._segment = self._statement_text(bytes(buf[p1 + 1 : p2]))
                 if front is not None:
+                    if server.txn != _IDLE:
+                        front.cache.record_bypass("in_transaction")
                     self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)

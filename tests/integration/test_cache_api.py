@@ -390,16 +390,16 @@ def test_statements_inside_a_transaction_are_not_looked_up(
 
     with _connect(cached, autocommit=False) as conn:
         # psycopg sends BEGIN as its own Query, while no transaction is open: looked up, and
-        # bypassed as not a SELECT. The SELECTs after it run inside the transaction: the proxy
-        # does not look them up at all (neither hit, miss nor bypass: "in_transaction" is never
-        # counted), and they are answered by the server.
+        # bypassed as not a SELECT. The statements after it (SELECT, UPDATE, SELECT, ROLLBACK)
+        # run inside the transaction: never looked up, each counted as bypass "in_transaction",
+        # and answered by the server.
         assert _select(conn, table) == [(ROW_VALUE,)]
         conn.execute(f"update {table} set v = 'inside' where id = 1")
         assert _select(conn, table) == [("inside",)]  # its own uncommitted write, not the cache
         conn.rollback()
     after = _cache(agent)
-    assert after["requests"] == {"hit": 1, "miss": 1, "bypass": 1}
-    assert after["bypasses"] == {"not_select": 1}
+    assert after["requests"] == {"hit": 1, "miss": 1, "bypass": 5}
+    assert after["bypasses"] == {"not_select": 1, "in_transaction": 4}
     assert after["invalidations"]["proxy"] == 0 and after["entries"] == 1
 
     with _connect(cached) as conn:
