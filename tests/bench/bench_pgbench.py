@@ -191,8 +191,9 @@ def reset_tpcb_tables(up: Upstream) -> None:
 class Proxy:
     name = "proxy"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, database: str = BENCH_DB) -> None:
         self.workdir = workdir
+        self.database = database  # the one database it serves
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = workdir / f"{self.name}.stderr"
@@ -249,9 +250,13 @@ class Proxy:
 class PgSidecar(Proxy):
     name = "pgsidecar"
     stats_enabled = True  # query observability (issue 3): the default, set explicitly
+    extra_env: dict[str, str] = {}  # more PGSIDECAR_* settings of a variant (e.g. the result cache)
+    source_dir = REPO_ROOT  # where ``python -m agent`` runs from (a frozen copy of the code, if set so)
+    http_port = 0  # the agent's HTTP port (/healthz, /metrics, /api/...)
 
     def start(self, up: Upstream, pool_size: int, timeout: float = 30.0) -> None:
-        self.port, http_port = free_port(), free_port()
+        self.port = free_port()
+        self.http_port = http_port = free_port()
         env = up.pg_env()
         env.update(
             PGSIDECAR_POOL__SIZE=str(pool_size),
@@ -261,18 +266,20 @@ class PgSidecar(Proxy):
             PGSIDECAR_STATS__ENABLED="true" if self.stats_enabled else "false",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         env.pop("DATABASE_URL", None)
         env.pop("PGSIDECAR_CONFIG", None)
         cmd = [
             sys.executable, "-m", "agent", "run",
-            "--upstream", up.dsn(BENCH_DB),
+            "--upstream", up.dsn(self.database),
             "--listen", f"127.0.0.1:{self.port}",
             "--http", f"127.0.0.1:{http_port}",
         ]
         log(f"starting {self.name} on 127.0.0.1:{self.port} (http {http_port}, pool {pool_size}, "
-            f"stats {'on' if self.stats_enabled else 'off'})")
+            f"stats {'on' if self.stats_enabled else 'off'}"
+            + "".join(f", {k}={v}" for k, v in self.extra_env.items()) + ")")
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+            cmd, cwd=self.source_dir, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"), start_new_session=True,
         )
         ready = threading.Event()
@@ -328,7 +335,7 @@ class PgBouncer(Proxy):
         ini = self.workdir / "pgbouncer.ini"
         ini.write_text(
             "[databases]\n"
-            f"{BENCH_DB} = host=127.0.0.1 port={up.port} dbname={BENCH_DB} user={up.user}"
+            f"{self.database} = host=127.0.0.1 port={up.port} dbname={self.database} user={up.user}"
             + (f" password={up.password}" if up.password else "") + "\n"
             "[pgbouncer]\n"
             "listen_addr = 127.0.0.1\n"
@@ -376,6 +383,40 @@ class PgBouncer(Proxy):
             return "?"
 
 
+class Supervisor:
+    """Restarts a proxy that went away mid-run (at most ``MAX_RESTARTS`` times each) and keeps a
+    record of every exit (``events``, for the results file)."""
+
+    def __init__(self, proxies: dict[str, Proxy], up: Upstream, pool_size: int) -> None:
+        self.proxies = proxies
+        self.up = up
+        self.pool_size = pool_size
+        self.restarts: dict[str, int] = {name: 0 for name in proxies}
+        self.events: list[dict[str, Any]] = []
+
+    def ensure_running(self, t: str) -> str | None:
+        """None when ``t`` is direct or running (again); else why it is still down."""
+        proxy = self.proxies.get(t)
+        if proxy is None or proxy.alive():
+            return None
+        code = proxy.proc.returncode if proxy.proc else None
+        event = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "proxy": t, "exit_code": code,
+                 "stderr_tail": proxy.stderr_tail(40)}
+        self.events.append(event)
+        log(f"{t} is not running (exit code {code}); stderr tail:\n{event['stderr_tail'] or '(empty)'}")
+        if self.restarts[t] >= MAX_RESTARTS:
+            return f"{t} not running (exit code {code}; restart limit {MAX_RESTARTS} reached)"
+        self.restarts[t] += 1
+        try:
+            proxy.start(self.up, self.pool_size)
+            event["restarted"] = True
+            log(f"restarted {t} on port {proxy.port}")
+            return None
+        except RuntimeError as exc:
+            event["restart_error"] = str(exc)
+            return f"{t} not running (exit code {code}; restart failed)"
+
+
 def ensure_system_user(name: str) -> str:
     try:
         pwd.getpwnam(name)
@@ -394,6 +435,26 @@ RE_TX = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 RE_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 RE_ABORTED = re.compile(r"client \d+ (?:script \d+ )?aborted.*$", re.M)
 RE_CONN = re.compile(r"^initial connection time = ([0-9.]+) ms", re.M)
+# one block per script, printed by pgbench when several -f/-b are given
+RE_SCRIPT_HEAD = re.compile(r"^SQL script \d+: (\S+)$", re.M)
+RE_SCRIPT_TX = re.compile(r"^ - (\d+) transactions \(.*tps = ([0-9.]+)\)", re.M)
+RE_SCRIPT_LAT = re.compile(r"^ - latency average = ([0-9.]+) ms", re.M)
+RE_SCRIPT_FAILED = re.compile(r"^ - number of failed transactions: (\d+)", re.M)
+
+
+def parse_scripts(out: str) -> list[dict[str, Any]]:
+    """pgbench's per-script blocks: name (file stem), transactions, tps, failures, latency."""
+    heads = list(RE_SCRIPT_HEAD.finditer(out))
+    scripts = []
+    for i, head in enumerate(heads):
+        block = out[head.end(): heads[i + 1].start() if i + 1 < len(heads) else len(out)]
+        tx, lat, failed = RE_SCRIPT_TX.search(block), RE_SCRIPT_LAT.search(block), RE_SCRIPT_FAILED.search(block)
+        scripts.append({"script": Path(head.group(1)).stem,
+                        "transactions": int(tx.group(1)) if tx else None,
+                        "tps": float(tx.group(2)) if tx else None,
+                        "failed_transactions": int(failed.group(1)) if failed else None,
+                        "latency_ms": float(lat.group(1)) if lat else None})
+    return scripts
 
 
 def write_custom_scripts(workdir: Path, workloads: list[str]) -> dict[str, Path]:
@@ -415,10 +476,10 @@ def workload_args(workload: str, scripts: dict[str, Path], scale: int) -> list[s
 
 
 def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, duration: int,
-                proxy: Proxy | None) -> dict[str, Any]:
+                proxy: Proxy | None, database: str = BENCH_DB) -> dict[str, Any]:
     cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", up.user,
            "-c", str(clients), "-j", str(min(2, clients)), "-T", str(duration), "-n",
-           *workload, BENCH_DB]
+           *workload, database]
     cpu0 = proxy.cpu_seconds() if proxy else None
     t0 = time.monotonic()
     timed_out = False
@@ -459,6 +520,7 @@ def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, dura
     if proxy is not None and not proxy.alive():
         errors.append(f"{proxy.name} process died (exit {proxy.proc.returncode if proxy.proc else '?'})")
     cpu = (cpu1 - cpu0) if (cpu0 is not None and cpu1 is not None) else None
+    scripts = parse_scripts(out)
     result: dict[str, Any] = {
         "cmd": " ".join(cmd),
         "returncode": rc,
@@ -474,6 +536,8 @@ def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, dura
         "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
         "proxy_cpu_s_per_1k_tx": round(cpu / tx * 1000, 4) if (cpu is not None and tx) else None,
     }
+    if scripts:
+        result["per_script"] = scripts
     if errors:
         # keep the evidence: distinct error lines from pgbench (first few) and the proxy's stderr
         lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -811,34 +875,12 @@ def main(argv: list[str] | None = None) -> int:
                 s.start(up, args.pool_size)
                 proxies[cls.name] = s
         targets = list(args.target_list)
-        restarts: dict[str, int] = {name: 0 for name in proxies}
-        events: list[dict[str, Any]] = []
-        meta["proxy_events"] = events
+        supervisor = Supervisor(proxies, up, args.pool_size)
+        ensure_running = supervisor.ensure_running
+        meta["proxy_events"] = supervisor.events
 
         def port_of(t: str) -> int:
             return up.port if t == "direct" else proxies[t].port
-
-        def ensure_running(t: str) -> str | None:
-            """Restart a proxy that went away (at most MAX_RESTARTS times); say why if it is still down."""
-            proxy = proxies.get(t)
-            if proxy is None or proxy.alive():
-                return None
-            code = proxy.proc.returncode if proxy.proc else None
-            event = {"time": _dt.datetime.now().isoformat(timespec="seconds"), "proxy": t, "exit_code": code,
-                     "stderr_tail": proxy.stderr_tail(40)}
-            events.append(event)
-            log(f"{t} is not running (exit code {code}); stderr tail:\n{event['stderr_tail'] or '(empty)'}")
-            if restarts[t] >= MAX_RESTARTS:
-                return f"{t} not running (exit code {code}; restart limit {MAX_RESTARTS} reached)"
-            restarts[t] += 1
-            try:
-                proxy.start(up, args.pool_size)
-                event["restarted"] = True
-                log(f"restarted {t} on port {proxy.port}")
-                return None
-            except RuntimeError as exc:
-                event["restart_error"] = str(exc)
-                return f"{t} not running (exit code {code}; restart failed)"
 
         total = len(args.workload_list) * len(args.clients_list) * args.rounds * len(targets)
         eta = total * (args.duration + 1)
