@@ -327,6 +327,7 @@ class ResultCache:
 
     __slots__ = ("max_bytes", "max_result_bytes", "max_tracked_tables", "_clock", "_entries", "_index",
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
+                 "_writing", "_writing_all",
                  "_evictions", "_rejected", "_invalidations", "_bypasses")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
@@ -345,6 +346,8 @@ class ResultCache:
         self._sequence = 0  # taken by every invalidation, flush, pause and resume
         self._invalidated_at: dict[str, int] = {}  # table match key -> sequence of its last invalidation
         self._floor = 0  # tokens older than this are stale (flush, pause, resume)
+        self._writing: dict[str, int] = {}  # table match key -> open transactions writing it
+        self._writing_all = 0  # open transactions that may write anything
         self._paused = False
         self.hits = 0
         self.misses = 0
@@ -380,6 +383,9 @@ class ResultCache:
         if entry is None:
             self.misses += 1
             return None
+        if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(entry.match_keys)):
+            self.misses += 1  # an open transaction writes its tables: the server answers
+            return None
         if entry.expires_at <= self._clock():
             self._remove(key, "ttl")
             self._invalidations["ttl"] = self._invalidations.get("ttl", 0) + 1
@@ -413,6 +419,8 @@ class ResultCache:
         match_keys = frozenset(table_match_key(table) for table in table_names)
         if token.sequence < self._floor:
             return self._reject("stale")
+        if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(match_keys)):
+            return self._reject("write_in_flight")
         invalidated_at = self._invalidated_at
         for match_key in match_keys:
             if invalidated_at.get(match_key, 0) > token.sequence:
@@ -420,7 +428,10 @@ class ResultCache:
         expires_at = token.started + ttl
         if expires_at <= self._clock():  # the read took longer than the TTL
             return self._reject("expired")
-        if key in self._entries:
+        current = self._entries.get(key)
+        if current is not None:
+            if current.stored_at > token.started:
+                return self._reject("older")  # never replace a result with one read before it
             self._remove(key, "")
         entries = self._entries
         while self._bytes + size > self.max_bytes:
@@ -436,6 +447,44 @@ class ResultCache:
                 keys.add(key)
         self.stores += 1
         return True
+
+    def begin_write(self, tables: Iterable[str]) -> None:
+        """An open transaction wrote ``tables`` (not committed yet): until ``end_write``, entries
+        that read them are neither served (``get`` misses) nor stored.
+
+        Between the server's commit and the moment the proxy learns of it (the ReadyForQuery), a
+        read may already see the new rows while cached entries still hold the old ones; with the
+        tables marked from the first write on, nothing of them is served or stored in that window.
+        The entries themselves stay: on rollback they are still right."""
+        writing = self._writing
+        for match_key in {table_match_key(table) for table in tables}:
+            writing[match_key] = writing.get(match_key, 0) + 1
+
+    def end_write(self, tables: Iterable[str], committed: bool) -> int:
+        """The transaction that ``begin_write`` marked ``tables`` for ended; when it committed,
+        its tables are invalidated once more (reads that began before are not stored)."""
+        writing = self._writing
+        keys = {table_match_key(table) for table in tables}
+        for match_key in keys:
+            left = writing.get(match_key, 0) - 1
+            if left > 0:
+                writing[match_key] = left
+            else:
+                writing.pop(match_key, None)
+        return self.invalidate(keys, "proxy") if committed and keys else 0
+
+    def begin_write_all(self) -> None:
+        """An open transaction may write anything (a writer function, CALL, DO): serve and store
+        nothing until ``end_write_all``."""
+        self._writing_all += 1
+
+    def end_write_all(self, committed: bool) -> int:
+        self._writing_all = max(0, self._writing_all - 1)
+        return self.flush("proxy") if committed else 0
+
+    def writes_in_flight(self) -> int:
+        """Tables marked by open transactions, plus open transactions that may write anything."""
+        return len(self._writing) + self._writing_all
 
     def invalidate(self, tables: Iterable[str], source: str) -> int:
         """A write to ``tables`` committed: drop every entry that read one; return how many."""

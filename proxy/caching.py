@@ -10,9 +10,12 @@ Owns the glue between sessions and the cache (issue 4): ``CacheFront`` (one per 
   RowDescription/DataRow*/CommandComplete/ReadyForQuery('I') (no error, notice, notification or
   ParameterStatus in it), within ``max_result_bytes``, and not raced by an invalidation;
 - ``classify`` for every statement a client runs (Query text, and the text of every Bind), to
-  collect the tables the client's transaction writes; the session hands them to ``commit`` at the
-  ReadyForQuery that ends the transaction (status idle), so they are evicted when the write
-  commits (immediately in autocommit) and never on rollback.
+  collect the tables the client's transaction writes. The session marks them in the cache from
+  the first write on (``ResultCache.begin_write``: their entries are neither served nor stored
+  while the transaction is open, which closes the window between the server's commit and the
+  proxy seeing it), and at the ReadyForQuery that ends the transaction (status idle) releases the
+  marks and evicts the tables' entries (``end_write``): immediately in autocommit, never on
+  rollback (the entries are still right then).
 
 What a stored value is: 8 bytes of row count (for the statistics of a hit) followed by the server's
 response bytes, ReadyForQuery included, exactly as they came. A hit is replayed with one write.
@@ -300,12 +303,4 @@ class CacheFront:
             return FLUSH, ()  # did not parse, or a write whose tables are not named
         return WRITE, fp.tables
 
-    def commit(self, written: set[str], flush: bool, monitor: InvalidationMonitor | None, ddl: bool) -> None:
-        """A transaction that wrote committed (or an autocommit write finished)."""
-        if flush:
-            self.cache.flush("proxy")
-        elif written:
-            self.cache.invalidate(written, "proxy")
-        if ddl and monitor is not None:
-            monitor.refresh_soon()
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as pq
 from .auth import AuthFailed
+from .cache import table_match_key
 from .caching import DDL, FLUSH, READ, WRITE, Fill, volatile_params
 from .errors import ProxyError
 from .stats import Scope
@@ -212,10 +213,11 @@ class ClientSession(asyncio.Protocol):
         self._fill: Fill | None = None  # a cacheable miss whose response is being collected
         self._cache_settings = ""  # the session settings that shape results, for the cache key
         self._stateful = False  # ran a statement creating session state: never use the cache
-        self._written: set[str] = set()  # tables written by the open transaction
+        self._written: set[str] = set()  # match keys of the tables the open transaction wrote
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
         self._unnoted = False  # statements went unclassified while no read had ever been cached
+        self._looked_up = False  # the first buffered message was already looked up in the cache
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -236,7 +238,10 @@ class ClientSession(asyncio.Protocol):
                 # Queries answered from the result cache, in order, while nothing is outstanding.
                 while n >= 5 and data[0] == _Q:
                     end = 1 + _LEN.unpack_from(data, 1)[0]
-                    if end > n or not self._idle() or not self._from_cache(data, end, n):
+                    if end > n or not self._idle():
+                        break
+                    if not self._from_cache(data, end, n):
+                        self._looked_up = True  # if it waits for a server, not looked up again
                         break
                     data = data[end:]
                     n -= end
@@ -297,7 +302,7 @@ class ClientSession(asyncio.Protocol):
         self.server = None
         self._fill = None
         if server is not None:
-            if self._front is not None and server.pending and (self._written or self._flush or self._unnoted):
+            if self._front is not None and (self._written or self._flush or self._unnoted):
                 self._commit(True)  # a COMMIT may be running: it may still commit
             self._return_server(server, abandoned=True)
         if self.pinned is not None and self.pool is not None:
@@ -508,7 +513,9 @@ class ClientSession(asyncio.Protocol):
                 return
             if len(buf) < length + 1:
                 return
-            if (kind == b"Q" and self._front is not None and self._acquiring is None and self._queued is None
+            if self._looked_up:
+                self._looked_up = False
+            elif (kind == b"Q" and self._front is not None and self._acquiring is None and self._queued is None
                     and not self.closed and self._from_cache(buf, length + 1, len(buf))):
                 del buf[: length + 1]  # answered from the cache: on to the next message
                 continue
@@ -695,6 +702,7 @@ class ClientSession(asyncio.Protocol):
         dropping = server.skipping and server.discarding()
         measure = self.measure
         front = self._front
+        self._looked_up = False
         if front is not None and self._fill is not None and any(r.action == FORWARD for r in pending):
             # Pipelined behind a cacheable miss: its response is not stored. (Only the client's
             # own requests count: the SETs that bring a fresh server in line with the client's
@@ -815,7 +823,8 @@ class ClientSession(asyncio.Protocol):
                 pass
             elif t == _F:
                 pending.append(FORWARD_FUNC)
-                self._flush = True  # a function call by OID: it may write anything
+                if front is not None:
+                    self._write_anything()  # a function call by OID: it may write anything
                 if measure:
                     inflight.append(None)
             elif t == _X:
@@ -1108,29 +1117,59 @@ class ClientSession(asyncio.Protocol):
         action, tables = front.classify(sql, self._encoding, front.monitors.get(self.database))
         if action == READ:
             return
-        if action == WRITE:
-            self._written.update(tables)
-        elif action == DDL:
-            self._written.update(tables)
-            self._ddl = True
+        if action == WRITE or action == DDL:
+            keys = {table_match_key(table) for table in tables}
+            keys.difference_update(self._written)
+            if keys:
+                # Evicted now, and nothing of them stored until this transaction ends.
+                front.cache.begin_write(keys)
+                self._written.update(keys)
+            if action == DDL:
+                self._ddl = True
         elif action == FLUSH:
-            self._flush = True
+            self._write_anything()
         else:  # ROLLBACK: nothing this transaction wrote will be seen
+            self._end_writes(committed=False)
+
+    def _write_anything(self) -> None:
+        if not self._flush:
+            self._flush = True
+            self._front.cache.begin_write_all()  # type: ignore[union-attr]
+
+    def _end_writes(self, committed: bool) -> None:
+        """The open transaction ended: release its marks; when it committed, evict again."""
+        front = self._front
+        assert front is not None
+        cache = front.cache
+        if self._written:
+            cache.end_write(self._written, committed)
             self._written.clear()
-            self._flush = self._ddl = False
+        if self._flush:
+            cache.end_write_all(committed)
+            self._flush = False
+        if committed and self._ddl:
+            monitor = front.monitors.get(self.database)
+            if monitor is not None:
+                monitor.refresh_soon()
+        self._ddl = False
 
     def _commit(self, final: bool) -> None:
         """ReadyForQuery with no transaction open: what was written is committed; evict it.
 
         With requests still outstanding (pipelined) the writes noted may include theirs, not yet
-        committed: evicted now and again at the final ReadyForQuery, when they are cleared."""
+        committed: evicted now, and the marks kept until the final ReadyForQuery."""
         front = self._front
         assert front is not None
-        flush = self._flush or (self._unnoted and front.fills > 0)
-        front.commit(self._written, flush, front.monitors.get(self.database), self._ddl)
+        if self._unnoted and front.fills:
+            front.cache.flush("proxy")  # statements of this transaction went unclassified
         if final:
-            self._written.clear()
-            self._flush = self._ddl = self._unnoted = False
+            self._unnoted = False
+            self._end_writes(committed=True)
+        else:
+            if self._written:
+                front.cache.invalidate(self._written, "proxy")
+            if self._flush:
+                front.cache.flush("proxy")
 
     def server_lost(self) -> None:
         server = self.server

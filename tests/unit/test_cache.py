@@ -671,3 +671,64 @@ class CacheMachine(RuleBasedStateMachine):
 
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+# --------------------------------------------------------------------------- writes in flight
+
+
+def test_a_table_written_by_an_open_transaction_is_neither_served_nor_stored() -> None:
+    cache = ResultCache(clock=FakeClock())
+    assert store(cache, b"k1", tables=("jobs",)) and store(cache, b"k2", tables=("users",))
+    cache.begin_write(["public.JOBS"])  # match keys: the last component, lowercased
+    assert cache.get(b"k1") is None and cache.get(b"k2") == b"rows"
+    assert not store(cache, b"k3", tables=("jobs", "users"))
+    assert cache.snapshot().rejected == {"write_in_flight": 1}
+    assert cache.writes_in_flight() == 1
+    cache.end_write(["public.JOBS"], committed=False)  # rolled back: the entry is still right
+    assert cache.get(b"k1") == b"rows" and cache.writes_in_flight() == 0
+    assert cache.snapshot().invalidations == {}
+
+
+def test_a_committed_write_evicts_and_makes_reads_begun_before_it_stale() -> None:
+    cache = ResultCache(clock=FakeClock())
+    assert store(cache, b"k1")
+    cache.begin_write(["jobs"])
+    token = cache.begin_read(("jobs",))  # a read that starts while the write is open
+    assert cache.end_write(["jobs"], committed=True) == 1
+    assert cache.get(b"k1") is None
+    assert not cache.put(b"k1", b"old", ("jobs",), 60.0, token)
+    assert cache.snapshot().rejected == {"stale": 1}
+    assert cache.snapshot().invalidations == {"proxy": 1}
+
+
+def test_marks_are_counted_per_transaction() -> None:
+    cache = ResultCache(clock=FakeClock())
+    cache.begin_write(["jobs"])
+    cache.begin_write(["jobs"])
+    cache.end_write(["jobs"], committed=False)
+    assert not store(cache, b"k1")  # the other transaction still writes jobs
+    cache.end_write(["jobs"], committed=False)
+    assert store(cache, b"k1") and cache.writes_in_flight() == 0
+
+
+def test_a_transaction_that_may_write_anything_blocks_everything_until_it_ends() -> None:
+    cache = ResultCache(clock=FakeClock())
+    assert store(cache, b"k1", tables=("a",)) and store(cache, b"k2", tables=())
+    cache.begin_write_all()
+    assert cache.get(b"k1") is None and cache.get(b"k2") is None
+    assert not store(cache, b"k3", tables=("b",))
+    cache.end_write_all(committed=False)
+    assert cache.get(b"k1") == b"rows"
+    cache.begin_write_all()
+    assert cache.end_write_all(committed=True) == 2
+    assert len(cache) == 0
+
+
+def test_a_result_read_before_the_stored_one_never_replaces_it() -> None:
+    clock = FakeClock()
+    cache = ResultCache(clock=clock)
+    early = cache.begin_read(("jobs",))
+    clock.now += 1
+    assert cache.put(b"k", b"newer", ("jobs",), 60.0, cache.begin_read(("jobs",)))
+    assert not cache.put(b"k", b"older", ("jobs",), 60.0, early)
+    assert cache.get(b"k") == b"newer" and cache.snapshot().rejected == {"older": 1}
