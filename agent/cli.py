@@ -141,7 +141,7 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
     """``pgsidecar cache install-triggers [TABLE ...]`` / ``remove-triggers`` on the upstream."""
     import asyncpg
 
-    from proxy.invalidation import install_triggers, remove_triggers
+    from proxy.invalidation import install_event_triggers, install_triggers, remove_triggers
 
     if not settings.upstream.dsn:
         print("pgsidecar: cache: no upstream: set DATABASE_URL, --upstream or upstream.dsn", file=sys.stderr)
@@ -156,8 +156,10 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"pgsidecar: cache: cannot connect to {up.host}:{up.port}/{database}: {exc}", file=sys.stderr)
         return 1
     try:
+        events = None
         if args.cache_command == "install-triggers":
             done = await install_triggers(conn, list(args.tables) or None)
+            events = await install_event_triggers(conn)
             verb = "installed on"
         else:
             done = await remove_triggers(conn)
@@ -169,4 +171,9 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
         await conn.close()
     print(f"pgsidecar: cache invalidation trigger {verb} {len(done)} table(s) in {database}"
           + (": " + ", ".join(done) if done else ""))
+    if events is True:
+        print("pgsidecar: DDL event triggers installed: ALTER/DROP run straight on the server evict too")
+    elif events is False:
+        print("pgsidecar: note: not a superuser, so no DDL event triggers: DDL run straight on the server "
+              "(not through the proxy) is seen only when the cached entries expire (cache.ttl_s)")
     return 0

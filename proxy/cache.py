@@ -379,22 +379,30 @@ class ResultCache:
         if self._paused:
             self.record_bypass("paused")
             return None
-        entry = self._entries.get(key)
-        if entry is None:
+        found = self.peek(key)
+        if found is None:
             self.misses += 1
+        return found
+
+    def peek(self, key: bytes) -> bytes | None:
+        """Like ``get``, but a miss is not counted (the caller counts it, with ``record_miss``,
+        once it knows the statement was cacheable at all). A hit is counted."""
+        entry = self._entries.get(key)
+        if entry is None or self._paused:
             return None
         if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(entry.match_keys)):
-            self.misses += 1  # an open transaction writes its tables: the server answers
-            return None
+            return None  # an open transaction writes its tables: the server answers
         if entry.expires_at <= self._clock():
             self._remove(key, "ttl")
             self._invalidations["ttl"] = self._invalidations.get("ttl", 0) + 1
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
         entry.hits += 1
         self.hits += 1
         return entry.response
+
+    def record_miss(self) -> None:
+        self.misses += 1
 
     def record_bypass(self, reason: str) -> None:
         """Count a statement that did not use the cache (``Decision.reason``)."""

@@ -52,7 +52,7 @@ from .invalidation import InvalidationMonitor
 if TYPE_CHECKING:
     from config.settings import CacheSettings
 
-    from .fingerprint import Fingerprinter
+    from .fingerprint import Fingerprint, Fingerprinter
     from .server import Endpoint
 
 _H = struct.Struct("!h")
@@ -70,7 +70,6 @@ READ = 0  # writes nothing the cache holds
 WRITE = 1  # writes the tables returned
 FLUSH = 2  # may write anything: flush at commit
 ROLLBACK = 3  # ends the transaction without committing it
-DDL = 4  # writes the tables returned, and may change the catalog facts (triggers, functions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +232,12 @@ class CacheFront:
         if not monitor.ready:
             cache.record_bypass("not_listening")
             return None
+        key = cache_key(database, user, settings, sql, segment)
+        hit = cache.peek(key)
+        if hit is not None:
+            # Stored under this exact key, so it passed every check below; the checks that depend
+            # on the catalog (triggers, writer functions) flush the cache when they loosen.
+            return hit
         fp = self.fingerprinter.of_bytes(sql, encoding)
         decision = decide(fp, sql, mode=self.mode, in_transaction=False, default_ttl=self.ttl)
         if not decision.cacheable:
@@ -250,10 +255,7 @@ class CacheFront:
                 if table_match_key(table) not in tracked:
                     cache.record_bypass("no_trigger")
                     return None
-        key = cache_key(database, user, settings, sql, segment)
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
+        cache.record_miss()
         self.fills += 1
         return Fill(key, decision.tables, decision.ttl, cache.begin_read(decision.tables),
                     cache.max_result_bytes + 6, bool(segment))
@@ -272,9 +274,24 @@ class CacheFront:
         return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token)
 
     # ------------------------------------------------------------------ writes
-    def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None) -> tuple[int, tuple[str, ...]]:
-        """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK, tables written)."""
+    def classify(self, sql: bytes, encoding: str,
+                 monitor: InvalidationMonitor | None) -> tuple[int, set[str], bool]:
+        """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK, match keys of the
+        tables written, whether it is DDL). Writes are expanded with the tables their foreign-key
+        actions change; a write through a view or to a table with the application's AFTER
+        triggers may reach tables no one can name: FLUSH."""
         fp = self.fingerprinter.of_bytes(sql, encoding)
+        action, tables = self._action(fp, monitor)
+        ddl = fp.kind == "ddl"
+        if action != WRITE:
+            return action, set(), ddl
+        keys = {table_match_key(table) for table in tables}
+        if monitor is not None and not monitor.expand_writes(keys):
+            return FLUSH, set(), ddl
+        return WRITE, keys, ddl
+
+    @staticmethod
+    def _action(fp: Fingerprint, monitor: InvalidationMonitor | None) -> tuple[int, tuple[str, ...]]:
         kind = fp.kind
         writers = monitor.writer_functions if monitor is not None else frozenset()
         if writers:
@@ -298,7 +315,7 @@ class CacheFront:
         if kind == "ddl":
             # CREATE FUNCTION/TRIGGER, ALTER, DROP, TRUNCATE, REFRESH ...: its tables (if any) are
             # written, and the triggers or functions the cache relies on may have changed.
-            return DDL, fp.tables
+            return WRITE, fp.tables
         if kind == "unknown" or not fp.tables:
             return FLUSH, ()  # did not parse, or a write whose tables are not named
         return WRITE, fp.tables

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as pq
 from .auth import AuthFailed
-from .cache import table_match_key
-from .caching import DDL, FLUSH, READ, WRITE, Fill, volatile_params
+from .caching import FLUSH, READ, WRITE, Fill, volatile_params
 from .errors import ProxyError
 from .stats import Scope
 from .server import (
@@ -1114,18 +1113,17 @@ class ClientSession(asyncio.Protocol):
             # by the time this transaction commits, it flushes (see _commit).
             self._unnoted = True
             return
-        action, tables = front.classify(sql, self._encoding, front.monitors.get(self.database))
+        action, keys, ddl = front.classify(sql, self._encoding, front.monitors.get(self.database))
+        if ddl:
+            self._ddl = True
         if action == READ:
             return
-        if action == WRITE or action == DDL:
-            keys = {table_match_key(table) for table in tables}
+        if action == WRITE:
             keys.difference_update(self._written)
             if keys:
-                # Evicted now, and nothing of them stored until this transaction ends.
+                # Neither served nor stored from now until this transaction ends.
                 front.cache.begin_write(keys)
                 self._written.update(keys)
-            if action == DDL:
-                self._ddl = True
         elif action == FLUSH:
             self._write_anything()
         else:  # ROLLBACK: nothing this transaction wrote will be seen

@@ -38,8 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANNEL = "pgsidecar_cache"
+DDL_CHANNEL = "pgsidecar_cache_ddl"
 TRIGGER = "pgsidecar_cache_invalidate"
 FUNCTION = "pgsidecar_cache_notify"
+DDL_FUNCTION = "pgsidecar_cache_ddl_notify"
+EVENT_TRIGGERS = ("pgsidecar_cache_ddl", "pgsidecar_cache_drop")
 
 FUNCTION_SQL = f"""
 CREATE OR REPLACE FUNCTION public.{FUNCTION}() RETURNS trigger
@@ -56,6 +59,35 @@ END
 $fn$
 """
 
+# DDL run straight on the server (a migration in psql) changes what a cached result would be
+# (ALTER TABLE ... ADD COLUMN, DROP TABLE) without firing a table trigger: an event trigger
+# notifies the tables it touched. Event triggers need a superuser; without one, DDL through the
+# proxy is still seen, and the TTL bounds the rest.
+DDL_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION public.{DDL_FUNCTION}() RETURNS event_trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    names json;
+BEGIN
+    IF TG_EVENT = 'sql_drop' THEN
+        SELECT json_agg(DISTINCT object_name) INTO names FROM pg_event_trigger_dropped_objects()
+        WHERE object_type IN ('table', 'view', 'materialized view', 'foreign table') AND NOT is_temporary;
+    ELSE
+        SELECT json_agg(DISTINCT c.relname) INTO names
+        FROM pg_event_trigger_ddl_commands() AS d JOIN pg_class AS c ON c.oid = d.objid
+        WHERE d.classid = 'pg_class'::regclass AND c.relpersistence <> 't';
+    END IF;
+    PERFORM pg_notify('{DDL_CHANNEL}', COALESCE(names::text, '[]'));
+END
+$fn$
+"""
+_EVENT_TRIGGERS_SQL = (
+    f"DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[0]}; "
+    f"CREATE EVENT TRIGGER {EVENT_TRIGGERS[0]} ON ddl_command_end EXECUTE FUNCTION public.{DDL_FUNCTION}(); "
+    f"DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[1]}; "
+    f"CREATE EVENT TRIGGER {EVENT_TRIGGERS[1]} ON sql_drop EXECUTE FUNCTION public.{DDL_FUNCTION}()"
+)
+
 # Ordinary and partitioned tables outside the system schemas (temporary ones excluded).
 _ALL_TABLES_SQL = """
 SELECT n.nspname, c.relname
@@ -70,6 +102,24 @@ _TRACKED_SQL = f"""
 SELECT DISTINCT c.relname
 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
 WHERE t.tgname = '{TRIGGER}' AND t.tgenabled <> 'D'
+"""
+
+# Relations whose writes reach other tables, for writes through the proxy: views (their base
+# tables; INSTEAD OF triggers and rules can do anything), tables with AFTER or INSTEAD OF
+# triggers of the application's (audit logs, denormalised counters), and foreign keys whose
+# ON DELETE/UPDATE action changes the referencing table (CASCADE, SET NULL, SET DEFAULT).
+_VIEWS_SQL = """
+SELECT DISTINCT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+_AFTER_TRIGGERS_SQL = f"""
+SELECT DISTINCT c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+WHERE NOT t.tgisinternal AND t.tgname <> '{TRIGGER}' AND (t.tgtype::int & 2) = 0
+"""
+_CASCADES_SQL = """
+SELECT DISTINCT p.relname AS parent, ch.relname AS child
+FROM pg_constraint AS k JOIN pg_class AS p ON p.oid = k.confrelid JOIN pg_class AS ch ON ch.oid = k.conrelid
+WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
 """
 
 # Functions an application defined (not PostgreSQL's, not an extension's) that may write.
@@ -121,16 +171,52 @@ async def install_triggers(conn: Any, tables: list[str] | None = None) -> list[s
     return [f"{schema}.{table}" for schema, table in resolved]
 
 
+async def install_event_triggers(conn: Any) -> bool:
+    """Install the DDL event triggers; False when the role may not (they need a superuser)."""
+    is_super = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    if not is_super:
+        return False
+    async with conn.transaction():
+        await conn.execute(DDL_FUNCTION_SQL)
+        await conn.execute(_EVENT_TRIGGERS_SQL)
+    return True
+
+
 async def remove_triggers(conn: Any) -> list[str]:
     """Drop every pgsidecar cache trigger and the notify function; return the tables."""
     rows = await conn.fetch(
         "SELECT n.nspname, c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid "
         "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE t.tgname = $1 ORDER BY 1, 2", TRIGGER)
+    has_events = await conn.fetchval(
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1::text[])", list(EVENT_TRIGGERS))
     async with conn.transaction():
         for row in rows:
             await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {_ident(row[0])}.{_ident(row[1])}")
         await conn.execute(f"DROP FUNCTION IF EXISTS public.{FUNCTION}()")
+        if has_events:
+            for name in EVENT_TRIGGERS:
+                await conn.execute(f"DROP EVENT TRIGGER IF EXISTS {name}")
+            await conn.execute(f"DROP FUNCTION IF EXISTS public.{DDL_FUNCTION}()")
     return [f"{row[0]}.{row[1]}" for row in rows]
+
+
+def cascade_closure(edges: Any) -> dict[str, frozenset[str]]:
+    """parent -> every table a write to it may change through chains of FK actions."""
+    direct: dict[str, set[str]] = {}
+    for parent, child in edges:
+        direct.setdefault(parent, set()).add(child)
+    closure: dict[str, frozenset[str]] = {}
+    for start in direct:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for child in direct.get(todo.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+        seen.discard(start)
+        closure[start] = frozenset(seen)
+    return closure
 
 
 def parse_payload(payload: str) -> list[str]:
@@ -155,6 +241,9 @@ class InvalidationMonitor:
         self.ready = False  # listening: results of this database may be served and stored
         self.tracked: frozenset[str] = frozenset()  # match keys of tables with the trigger
         self.writer_functions: frozenset[str] = frozenset()  # lowercased names
+        self.views: frozenset[str] = frozenset()  # match keys of views
+        self.after_triggers: frozenset[str] = frozenset()  # tables with the app's AFTER triggers
+        self.cascades: dict[str, frozenset[str]] = {}  # table -> tables its FK actions change
         self.notifications = 0
         self.connects = 0
         self.drops = 0
@@ -219,6 +308,7 @@ class InvalidationMonitor:
         self._conn = conn
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._notified)
+        await conn.add_listener(DDL_CHANNEL, self._ddl_notified)
         await self._load_catalog()
         self.connects += 1
         self.ready = True
@@ -244,14 +334,53 @@ class InvalidationMonitor:
         conn = self._conn
         tracked = await conn.fetch(_TRACKED_SQL)
         writers = await conn.fetch(_WRITER_FUNCTIONS_SQL)
-        self.tracked = frozenset(table_match_key(r[0]) for r in tracked)
-        self.writer_functions = frozenset(r[0].lower() for r in writers)
+        views = await conn.fetch(_VIEWS_SQL)
+        after = await conn.fetch(_AFTER_TRIGGERS_SQL)
+        edges = await conn.fetch(_CASCADES_SQL)
+        new_tracked = frozenset(table_match_key(r[0]) for r in tracked)
+        new_writers = frozenset(r[0].lower() for r in writers)
+        new_views = frozenset(table_match_key(r[0]) for r in views)
+        new_after = frozenset(table_match_key(r[0]) for r in after)
+        new_cascades = cascade_closure((table_match_key(r[0]), table_match_key(r[1])) for r in edges)
+        loosened = (not new_tracked >= self.tracked or not new_writers <= self.writer_functions
+                    or not new_views <= self.views or not new_after <= self.after_triggers
+                    or new_cascades != self.cascades)
+        if self.ready and loosened:
+            # A trigger was dropped, a writer function or a foreign-key action appeared ...: entries
+            # stored under the old facts may no longer be invalidated when they should be.
+            self.cache.flush("flush")
+        self.tracked = new_tracked
+        self.writer_functions = new_writers
+        self.views = new_views
+        self.after_triggers = new_after
+        self.cascades = new_cascades
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         tables = parse_payload(payload)
         if tables:
             self.cache.invalidate(tables, "notify")
+
+    def _ddl_notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        """DDL straight on the server: evict its tables, and re-read the catalog facts."""
+        self.notifications += 1
+        tables = parse_payload(payload)
+        if tables:
+            self.cache.invalidate(tables, "notify")
+        self.refresh_soon()
+
+    def expand_writes(self, keys: set[str]) -> bool:
+        """Add to ``keys`` (match keys of written tables) the tables their foreign-key actions
+        change; False when a write may reach tables no one can name (a view, an AFTER trigger)."""
+        if not keys.isdisjoint(self.views) or not keys.isdisjoint(self.after_triggers):
+            return False
+        cascades = self.cascades
+        if cascades:
+            for key in list(keys):
+                more = cascades.get(key)
+                if more:
+                    keys |= more
+        return True
 
     def _went_down(self) -> None:
         if self.ready:

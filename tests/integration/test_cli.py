@@ -153,7 +153,10 @@ def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any
         done = _cache_cli("install-triggers", "s.a", dsn=dsn)
         assert done.returncode == 0, done.stderr
         assert "installed on 1 table(s) in cli_cache: s.a" in done.stdout
+        assert "DDL event triggers installed" in done.stdout  # the test cluster's user is a superuser
         assert _triggered_tables(conn) == {"a"}
+        assert conn.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgsidecar_cache%'"
+                            ).fetchone() == (2,)
 
         # The trigger notifies the table's name when a write commits, and nothing on rollback.
         listener = direct(dbname="cli_cache")
@@ -177,6 +180,7 @@ def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any
         assert removed.returncode == 0, removed.stderr
         assert _triggered_tables(conn) == set()
         assert conn.execute("SELECT to_regproc('public.pgsidecar_cache_notify')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM pg_event_trigger").fetchone() == (0,)
     finally:
         conn.close()
         admin.execute("DROP DATABASE cli_cache WITH (FORCE)")
