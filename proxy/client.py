@@ -736,7 +736,8 @@ class ClientSession(asyncio.Protocol):
                 if front is not None:
                     if server.txn != _IDLE:
                         front.cache.record_bypass("in_transaction")  # never looked up, counted
-                    self._classify(sql)
+                    if self._fill is None:  # else it is the cacheable SELECT being collected
+                        self._classify(sql)
                 if measure:
                     inflight.append((sql, now, waited, True))
                     waited = 0.0
@@ -752,7 +753,8 @@ class ClientSession(asyncio.Protocol):
                 if front is not None:
                     if server.txn != _IDLE:
                         front.cache.record_bypass("in_transaction")
-                    self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])))
+                    if self._fill is None:
+                        self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
