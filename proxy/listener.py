@@ -67,6 +67,7 @@ class ProxyServer:
         self.started_at = time.time()
         self.accepted = 0
         self.rejected = 0
+        self.peak_clients = 0  # most logged-in clients at once since start
         self.port = settings.proxy.port
         self.host = settings.proxy.host
         # Query observability (issue 3): one fingerprint memo and one statistics store per proxy.
@@ -216,6 +217,8 @@ class ProxyServer:
         self.pending_sessions.discard(session)
         pid = next(self._pids)
         self.sessions[pid] = session
+        if len(self.sessions) > self.peak_clients:
+            self.peak_clients = len(self.sessions)
         return pid
 
     def session_closed(self, session: ClientSession) -> None:
