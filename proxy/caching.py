@@ -70,6 +70,7 @@ READ = 0  # writes nothing the cache holds
 WRITE = 1  # writes the tables returned
 FLUSH = 2  # may write anything: flush at commit
 ROLLBACK = 3  # ends the transaction without committing it
+CHAIN = 4  # COMMIT AND CHAIN: commits, and a new transaction begins at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +277,7 @@ class CacheFront:
     # ------------------------------------------------------------------ writes
     def classify(self, sql: bytes, encoding: str,
                  monitor: InvalidationMonitor | None) -> tuple[int, set[str], bool]:
-        """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK, match keys of the
+        """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK|CHAIN, match keys of the
         tables written, whether it is DDL). Writes are expanded with the tables their foreign-key
         actions change; a write through a view or to a table with the application's AFTER
         triggers may reach tables no one can name: FLUSH."""
@@ -304,6 +305,8 @@ class CacheFront:
             head = fp.normalized.lstrip().upper()
             if head.startswith(_ROLLBACK) and not head.startswith(("ROLLBACK TO", "ROLLBACK PREPARED")):
                 return ROLLBACK, ()
+            if head.startswith(("COMMIT", "END")) and "AND CHAIN" in head and "AND NO CHAIN" not in head:
+                return CHAIN, ()
             if head.startswith("COMMIT PREPARED"):
                 return FLUSH, ()
             return READ, ()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as pq
 from .auth import AuthFailed
-from .caching import FLUSH, READ, WRITE, Fill, volatile_params
+from .caching import CHAIN, FLUSH, READ, ROLLBACK, WRITE, Fill, volatile_params
 from .errors import ProxyError
 from .stats import Scope
 from .server import (
@@ -216,6 +216,7 @@ class ClientSession(asyncio.Protocol):
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
         self._unnoted = False  # statements went unclassified while no read had ever been cached
+        self._chained = False  # a COMMIT AND CHAIN committed writes that are not evicted yet
         self._looked_up = False  # the first buffered message was already looked up in the cache
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -737,7 +738,7 @@ class ClientSession(asyncio.Protocol):
                     if server.txn != _IDLE:
                         front.cache.record_bypass("in_transaction")  # never looked up, counted
                     if self._fill is None:  # else it is the cacheable SELECT being collected
-                        self._classify(sql)
+                        self._classify(sql, len(pending) > 1)
                 if measure:
                     inflight.append((sql, now, waited, True))
                     waited = 0.0
@@ -754,7 +755,7 @@ class ClientSession(asyncio.Protocol):
                     if server.txn != _IDLE:
                         front.cache.record_bypass("in_transaction")
                     if self._fill is None:
-                        self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])))
+                        self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])), bool(pending))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -1106,8 +1107,10 @@ class ClientSession(asyncio.Protocol):
         entry = self.statements.get(name)
         return entry[2] if entry is not None else b""
 
-    def _classify(self, sql: bytes) -> None:
-        """Note what a statement of the open transaction writes, for invalidation at commit."""
+    def _classify(self, sql: bytes, behind: bool) -> None:
+        """Note what a statement of the open transaction writes, for invalidation at commit.
+
+        ``behind``: requests sent before this one are still unanswered (pipelined)."""
         front = self._front
         assert front is not None
         if not front.fills:
@@ -1128,8 +1131,15 @@ class ClientSession(asyncio.Protocol):
                 self._written.update(keys)
         elif action == FLUSH:
             self._write_anything()
-        else:  # ROLLBACK: nothing this transaction wrote will be seen
-            self._end_writes(committed=False)
+        elif action == CHAIN:
+            self._chained = True  # committed: evicted at the ReadyForQuery 'I' that ends the chain
+        elif action == ROLLBACK:
+            # Nothing this transaction wrote will be seen, unless part of it committed already
+            # (a COMMIT AND CHAIN) or writes sent before it in the same batch may have committed
+            # (pipelined autocommit statements): then the marks stay, and the ReadyForQuery that
+            # ends it all evicts, at worst once too often.
+            if not self._chained and not behind:
+                self._end_writes(committed=False)
 
     def _write_anything(self) -> None:
         if not self._flush:
@@ -1151,7 +1161,7 @@ class ClientSession(asyncio.Protocol):
             monitor = front.monitors.get(self.database)
             if monitor is not None:
                 monitor.refresh_soon()
-        self._ddl = False
+        self._ddl = self._chained = False
 
     def _commit(self, final: bool) -> None:
         """ReadyForQuery with no transaction open: what was written is committed; evict it.

@@ -52,9 +52,9 @@ nothing asserts how fast anything is.
 And the cache must have done something: hits, stores and invalidations of both sources are
 asserted after the run, so the test cannot pass by bypassing everything.
 
-Two kinds of stale read it found are pinned in ``test_known_stale_read`` (strict xfail) and
-avoided by the random programs until fixed (no ROLLBACK after a COMMIT AND CHAIN, no ROLLBACK
-behind other statements of a pipelined batch): see ``KNOWN_STALE``.
+Two kinds of stale read it found (a ROLLBACK after a COMMIT AND CHAIN, and a ROLLBACK behind other
+statements of a pipelined batch) are fixed; their shrunk programs stay as regression tests in
+``test_once_stale_read``: see ``ONCE_STALE``.
 """
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ class Client:
     log: list[str] = field(default_factory=list)  # literal SQL of its writes since BEGIN
     savepoints: list[int] = field(default_factory=list)  # len(log) at each SAVEPOINT
     locks: set[tuple[str, int]] = field(default_factory=set)  # rows it wrote: others must not
-    chained: bool = False  # a COMMIT AND CHAIN ran since the last BEGIN (see KNOWN_STALE)
+    chained: bool = False  # a COMMIT AND CHAIN ran since the last BEGIN (see ONCE_STALE)
 
     def forget(self) -> None:
         self.failed = False
@@ -332,7 +332,7 @@ class Harness:
         self.hits = 0  # of which answered from the cache
         self.history: list[str] = []
         self.reads: list[Read] = []  # this program's reads, for Repeat
-        self.avoid_known_stale = True  # skip the statements of KNOWN_STALE's programs
+        self.avoid_known_stale = False  # True: skip the statements of ONCE_STALE's programs
 
     def _connect(self) -> psycopg.Connection[Any]:
         # prepare_threshold=None: psycopg prepares only when asked (the "prepared" protocol).
@@ -567,7 +567,7 @@ class Harness:
         if not client.in_txn or (chain and client.failed):
             return False
         if self.avoid_known_stale and client.chained and step.spelling.startswith(ROLLBACKS):
-            return False  # KNOWN_STALE: "commit and chain, then rollback"
+            return False  # ONCE_STALE: "commit and chain, then rollback"
         self._statement(step, client, step.spelling)
         self._ended(client, step.spelling)
         return True
@@ -623,7 +623,7 @@ class Harness:
                 if not client.in_txn:
                     continue
                 if self.avoid_known_stale and item.startswith(ROLLBACKS) and (batch or client.chained):
-                    continue  # KNOWN_STALE: "pipelined autocommit write, then begin and rollback"
+                    continue  # ONCE_STALE: "pipelined autocommit write, then begin and rollback"
                 self._ended(client, item)
                 sql = item
             batch.append(sql)
@@ -741,18 +741,13 @@ def test_every_read_through_the_caching_proxy_is_what_postgresql_returns(harness
     assert snap.invalidations.get("notify", 0) > 0 and held.released > 0, snap  # direct writes, via NOTIFY
 
 
-# Stale reads this test found, kept out of the random programs so that they do not make it fail at
-# random (a ROLLBACK after a COMMIT AND CHAIN, and a ROLLBACK behind other statements of the same
-# pipelined batch, are skipped: see Harness._end and Harness._pipelined). Both times, the ROLLBACK
-# the proxy forwards discards the transaction's marks and written tables at once
-# (ClientSession._classify, ROLLBACK branch), although writes of the same client have committed
-# without the proxy evicting them: before a COMMIT AND CHAIN (whose ReadyForQuery still says "in a
-# transaction"), or in statements pipelined ahead of the ROLLBACK (their ReadyForQuery comes after
-# the ROLLBACK was classified). The entries that read
-# the tables are then served again with the rows from before the commit, until the trigger's
-# NOTIFY arrives (or the TTL, for a table without the trigger). When one of these passes, drop it
-# from KNOWN_STALE and stop skipping its statements.
-KNOWN_STALE: dict[str, list[Step]] = {
+# Found by this test, fixed since: both times the ROLLBACK the proxy forwarded discarded the
+# transaction's marks and written tables at once (ClientSession._classify, ROLLBACK branch),
+# although writes of the same client had committed without the proxy evicting them yet: before a
+# COMMIT AND CHAIN (whose ReadyForQuery still says "in a transaction"), or in statements pipelined
+# ahead of the ROLLBACK. The entries that read the tables were served again with the rows from
+# before the commit, until the trigger's NOTIFY arrived.
+ONCE_STALE: dict[str, list[Step]] = {
     "commit and chain, then rollback": [
         Read(0, 0, 1, "simple"),
         Begin(1, "begin"), Write(1, 0, 1, 3, "simple", False), End(1, "commit and chain"), End(1, "rollback"),
@@ -766,10 +761,6 @@ KNOWN_STALE: dict[str, list[Step]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a ROLLBACK forgets writes of the same client that committed without eviction "
-                          "(COMMIT AND CHAIN, pipelined statements): stale until NOTIFY")
-@pytest.mark.parametrize("name", list(KNOWN_STALE))
-def test_known_stale_read(harness: Harness, name: str) -> None:
-    harness.avoid_known_stale = False
-    harness.run(KNOWN_STALE[name])
+@pytest.mark.parametrize("name", list(ONCE_STALE))
+def test_once_stale_read(harness: Harness, name: str) -> None:
+    harness.run(ONCE_STALE[name])
