@@ -1001,13 +1001,17 @@ class ClientSession(asyncio.Protocol):
             if end == n:  # nothing pipelined behind it
                 self._fill = found
             return False
+        self._replay(found, sql, start)
+        return True
+
+    def _replay(self, found: bytes, sql: bytes, start: float) -> None:
+        """Send a cache hit (8 bytes of row count, then the server's response) and count it."""
         if self.closed or self.transport is None:
-            return True
+            return
         self.transport.write(memoryview(found)[8:])
         self.transactions += 1
         if self.measure:
             self._record(sql, start, 0.0, int.from_bytes(found[:8], "big"), None)
-        return True
 
     def _segment_from_cache(self, data: bytes, n: int) -> bool:
         """``data`` is exactly one extended-protocol segment (Parse?, Bind, Describe?, Execute,
@@ -1089,12 +1093,7 @@ class ClientSession(asyncio.Protocol):
                 statements[name] = (sname, rest, sql)
             else:
                 self._unnamed_sql = sql
-        if self.closed or self.transport is None:
-            return True
-        self.transport.write(memoryview(found)[8:])
-        self.transactions += 1
-        if self.measure:
-            self._record(text, start, 0.0, int.from_bytes(found[:8], "big"), None)
+        self._replay(found, text, start)
         return True
 
     def _text_of(self, name: bytes, parsed: dict[bytes, bytes]) -> bytes:
