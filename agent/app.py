@@ -1,4 +1,5 @@
-"""create_app: the agent's aiohttp application (health now; metrics and APIs as they land)."""
+"""create_app: the agent's aiohttp application: /healthz here, /metrics (metrics.py), the query and
+cache APIs (api.py), /readyz and the health and monitoring status endpoints (health.py)."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -8,6 +9,7 @@ from proxy.listener import ProxyServer
 
 from . import keys
 from .api import setup_api
+from .health import setup_health
 from .metrics import setup_metrics
 
 
@@ -39,4 +41,5 @@ def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
     app.router.add_get("/healthz", healthz)
     setup_metrics(app)
     setup_api(app)
+    setup_health(app)
     return app

@@ -15,6 +15,7 @@ global registry, so two proxies and two agents can live in one process) and regi
   ``LOOP_LAG_INTERVAL`` and records how late it woke up: the time anything else on the loop the
   proxy shares with the agent (relay, pools, handlers) held it.
 - an HTTP middleware counting requests per (method, route pattern, status) and timing them.
+- ``ScrapeLog`` (``keys.SCRAPES``): when ``/metrics`` was last scraped and by whom.
 
 The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
 
@@ -433,8 +434,27 @@ def _http_middleware(requests: Counter, durations: Histogram) -> Middleware:
     return http_metrics
 
 
+class ScrapeLog:
+    """When ``GET /metrics`` was last answered and to whom (``/api/monitoring/status`` shows it)."""
+
+    __slots__ = ("count", "last_at", "last_remote", "last_user_agent")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_at: float | None = None  # wall clock, seconds since the epoch
+        self.last_remote: str | None = None
+        self.last_user_agent: str | None = None
+
+    def scraped(self, remote: str | None, user_agent: str | None) -> None:
+        self.count += 1
+        self.last_at = time.time()
+        self.last_remote = remote
+        self.last_user_agent = user_agent[:200] if user_agent else None
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     """``GET /metrics``: text format, or OpenMetrics when asked for in the Accept header."""
+    request.app[keys.SCRAPES].scraped(request.remote, request.headers.get("User-Agent"))
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     body = encoder(request.app[keys.REGISTRY])
     response = web.Response(body=body, headers={"Content-Type": content_type})
@@ -453,6 +473,7 @@ def setup_metrics(app: web.Application) -> None:
     """Register /metrics, the HTTP metrics middleware and the event-loop lag monitor."""
     registry = CollectorRegistry()
     app[keys.REGISTRY] = registry
+    app[keys.SCRAPES] = ScrapeLog()
     registry.register(ProxyCollector(app[keys.PROXY], _version()))
     registry.register(CacheCollector(app[keys.PROXY]))
     ProcessCollector(registry=registry)
