@@ -18,7 +18,8 @@ monitoring system's own state.
   ``/metrics`` (time and address), the alert rules shipped in ``config/alert_rules.yml``, and the
   seed's targets (p95 < 1 s, error rate < 1 %, cache hit ratio > 70 %, memory < 500 MB, active
   server connections < 20), each with its current value and ``met`` (null when there is no data
-  yet: no statement measured, or the cache off).
+  yet: no statement measured, or the cache off). Latency and error rate are since the proxy
+  started (the Prometheus counters, which ``POST /api/queries/reset`` does not reset).
 
 The upstream check is one short asyncpg connection (``application_name`` pgsidecar-health) and
 one ``SELECT``: it never takes a pool's server connection away from clients. Its result is kept
@@ -136,13 +137,16 @@ class UpstreamProbe:
                                       timeout=self.timeout)
             done = time.perf_counter()
             assert row is not None
+            if self._last is not None and not self._last.reachable:
+                log.info("upstream_reachable", extra={"upstream": f"{self.host}:{self.port}"})
             return UpstreamStatus(reachable=True, checked_at=checked_at,
                                   connect_ms=round((connected - start) * 1000.0, 3),
                                   round_trip_ms=round((done - connected) * 1000.0, 3),
                                   server_version=row["v"], in_recovery=row["r"])
         except Exception as exc:  # noqa: BLE001 - any failure means unreachable, and says why
             error = self._scrub(f"{type(exc).__name__}: {exc}")[:300]
-            log.info("upstream_probe_failed", extra={"upstream": f"{self.host}:{self.port}", "error": error})
+            if self._last is None or self._last.reachable:  # one line per change, not per probe
+                log.warning("upstream_unreachable", extra={"upstream": f"{self.host}:{self.port}", "error": error})
             return UpstreamStatus(reachable=False, checked_at=checked_at, error=error)
         finally:
             if conn is not None:

@@ -9,7 +9,9 @@ how fast anything is.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -131,6 +133,20 @@ def test_ready_and_detailed_ok_with_real_figures(
     snap = proxy.snapshot().pools[0]
     assert snap.servers_opened == opened_before and snap.active == 0
     _wait_for("the health probe's backend to close", lambda: _health_backends(d) == 0)
+
+
+def test_concurrent_requests_share_one_probe(proxy: RunningProxy, agent: RunningAgent) -> None:
+    health = _health(agent)
+    health.probe.ttl = 0.0  # no reuse: only the probe in flight is shared
+    before = health.probe.probes
+
+    async def ten() -> list[Any]:
+        return await asyncio.gather(*(health.probe.check() for _ in range(10)))
+
+    results = proxy.call(ten())
+    # All ten checks start before the probe's own task runs (the loop runs tasks in order).
+    assert health.probe.probes == before + 1
+    assert all(r is results[0] and r.reachable for r in results)
 
 
 def test_probe_result_is_reused_for_its_ttl(proxy: RunningProxy, agent: RunningAgent) -> None:
@@ -289,7 +305,8 @@ def test_cache_off_and_listen_connection_down_is_degraded(
 
 def test_no_endpoint_shows_the_upstream_password(
         auth_cluster: Cluster, proxy_factory: Callable[..., RunningProxy],
-        agents: Callable[[RunningProxy], RunningAgent]) -> None:
+        agents: Callable[[RunningProxy], RunningAgent], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent.health")
     paths = ["/readyz", "/api/health/detailed", "/api/monitoring/status", "/metrics", "/healthz",
              "/api/cache", "/api/nope"]
 
@@ -311,6 +328,11 @@ def test_no_endpoint_shows_the_upstream_password(
     for path in paths:
         _, _, body = bad.request("GET", path)
         assert secret.encode() not in body, path
+    # The log says once that the upstream is unreachable, and why, without the password.
+    lines = [r for r in caplog.records if r.name == "agent.health" and r.getMessage() == "upstream_unreachable"]
+    assert len(lines) == 1 and "scram_user" in lines[0].error  # type: ignore[attr-defined]
+    for record in caplog.records:
+        assert secret not in record.getMessage() and secret not in str(record.__dict__)
 
 
 # ----------------------------------------------------------------------------- monitoring status
