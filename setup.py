@@ -33,6 +33,7 @@ setup(
             "psycopg2-binary>=2.9",
             "sqlalchemy[asyncio]>=2.0",  # the asyncio extra brings greenlet (sqlalchemy.ext.asyncio)
             "hypothesis>=6",
+            "jsonschema>=4.18",  # tests/unit/test_compose.py: the Compose specification schema
             "mypy>=1.8",
             "types-PyYAML",
         ],
