@@ -58,6 +58,7 @@ class FakeGrafana:
     """Grafana's documented request/response shapes for the three endpoints, with its auth rules."""
 
     def __init__(self) -> None:
+        self.url = ""  # set once served
         self.received: list[dict[str, Any]] = []
         self.dashboards: dict[str, dict[str, Any]] = {}
         self.contact_points: dict[str, dict[str, Any]] = {}
@@ -153,12 +154,12 @@ class FakeGrafana:
 async def grafana(aiohttp_server: Any) -> Any:
     fake = FakeGrafana()
     server = await aiohttp_server(fake.app)
-    fake.url = str(server.make_url("/"))  # type: ignore[attr-defined]
+    fake.url = str(server.make_url("/"))
     return fake
 
 
 async def test_create_dashboard_posts_the_documented_body_and_reads_the_answer(grafana: FakeGrafana) -> None:
-    panels = [{"type": "timeseries", "title": "Request rate",
+    panels: list[dict[str, Any]] = [{"type": "timeseries", "title": "Request rate",
                "targets": [{"refId": "A", "expr": "sum(rate(pgsidecar_queries_total[5m]))"}]},
               {"type": "text", "title": "Notes", "options": {"content": "hello"}}]
     async with GrafanaService(grafana.url, ADMIN_TOKEN, timeout=5) as service:

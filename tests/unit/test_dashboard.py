@@ -3,8 +3,9 @@
 The metric catalogue is what the agent's own registry yields: `create_app` on a ProxyServer that is
 built but never started (no socket, no PostgreSQL), its app started just long enough for the
 event-loop monitor to record once, then every family the registry collects, named as Prometheus
-exposes it (counters ``_total``, histograms ``_bucket``/``_sum``/``_count``). Every metric name in
-every dashboard expression must be in it. Where ``promtool`` is installed each expression (with
+exposes it (counters ``_total``, histograms ``_bucket``/``_sum``/``_count``), with its label names.
+Every metric name in every dashboard expression must be in it, and every label a selector matches
+or an aggregation groups by must be one the metric has. Where ``promtool`` is installed each expression (with
 Grafana's variables filled in) must also parse, as a recording rule checked by ``promtool check
 rules``. The end-to-end Prometheus test runs the expressions against a real scrape.
 """
@@ -46,20 +47,31 @@ def _exposed_names(metric_type: str, name: str) -> set[str]:
     return {name}
 
 
-def agent_catalogue() -> set[str]:
-    """Exposed metric names of a real agent app (cache on, top-N on), collected from its registry."""
+#: Labels Prometheus adds to every scraped series.
+TARGET_LABELS = {"job", "instance"}
 
-    async def collect() -> set[str]:
+
+def agent_catalogue() -> dict[str, frozenset[str]]:
+    """Exposed metric name -> label names, of a real agent app (cache on, top-N on), collected from
+    its registry (families with no sample yet, e.g. pools before the first client, still declare
+    their label names)."""
+
+    async def collect() -> dict[str, frozenset[str]]:
         settings = load_settings(None, env={}, overrides={
             "proxy.host": "127.0.0.1", "proxy.port": 0, "upstream.dsn": "postgresql://u@127.0.0.1:1/db",
             "cache.mode": "all", "stats.prometheus_top_n": 5})
-        app = create_app(settings, ProxyServer(settings, parse_dsn(settings.upstream.dsn)))
+        app = create_app(settings, ProxyServer(settings, parse_dsn(settings.upstream.dsn or "")))
         runner = web.AppRunner(app)
         await runner.setup()  # startup: cleanup_ctx starts the event-loop lag monitor
         try:
-            names: set[str] = set()
+            names: dict[str, frozenset[str]] = {}
             for _ in range(100):  # until the monitor has measured once (LOOP_LAG_INTERVAL)
-                names = {n for m in app[keys.REGISTRY].collect() for n in _exposed_names(m.type, m.name)}
+                names = {}
+                for m in app[keys.REGISTRY].collect():
+                    labels = set(getattr(m, "_labelnames", None) or ())
+                    labels |= {k for sample in m.samples for k in sample.labels}
+                    for name in _exposed_names(m.type, m.name):
+                        names[name] = frozenset(labels | ({"le"} if name.endswith("_bucket") else set()))
                 if "pgsidecar_event_loop_lag_seconds" in names:
                     break
                 await asyncio.sleep(0.05)
@@ -71,7 +83,7 @@ def agent_catalogue() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def catalogue() -> set[str]:
+def catalogue() -> dict[str, frozenset[str]]:
     return agent_catalogue()
 
 
@@ -121,13 +133,14 @@ def test_metric_name_parser() -> None:
     assert metric_names(expr) == {"x_bucket", "y_total", "z"}
 
 
-def test_catalogue_is_the_agents(catalogue: set[str]) -> None:
+def test_catalogue_is_the_agents(catalogue: dict[str, frozenset[str]]) -> None:
     # A sanity check of the harness: the families the dashboard leans on, named as exposed.
     for name in ("pgsidecar_queries_total", "pgsidecar_query_duration_seconds_bucket",
                  "pgsidecar_pool_checkout_wait_seconds_bucket", "pgsidecar_cache_requests_total",
                  "process_resident_memory_bytes", "pgsidecar_event_loop_lag_seconds"):
         assert name in catalogue, name
     assert "pgsidecar_queries" not in catalogue
+    assert catalogue["pgsidecar_pool_checkout_wait_seconds_bucket"] == {"pool", "database", "user", "le"}
 
 
 def test_parses_with_schema_version_and_uid(dashboard: dict[str, Any]) -> None:
@@ -195,11 +208,32 @@ def test_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:
         taken |= cells
 
 
-def test_every_metric_is_in_the_agents_catalogue(dashboard: dict[str, Any], catalogue: set[str]) -> None:
+def test_every_metric_is_in_the_agents_catalogue(dashboard: dict[str, Any],
+                                                 catalogue: dict[str, frozenset[str]]) -> None:
     missing = {(where, name) for where, expr in _expressions(dashboard)
                for name in metric_names(expr) if name not in catalogue}
     assert not missing, sorted(missing)
     assert len({n for _, e in _expressions(dashboard) for n in metric_names(e)}) >= 12
+
+
+def test_every_label_is_one_the_metric_has(dashboard: dict[str, Any],
+                                           catalogue: dict[str, frozenset[str]]) -> None:
+    """A matcher or grouping on a label the series lack selects nothing or collapses everything,
+    silently: e.g. the cache's series have no database label."""
+    wrong = []
+    for where, expr in _expressions(dashboard):
+        text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+        present = set(TARGET_LABELS)
+        for name in metric_names(expr):
+            present |= catalogue.get(name, frozenset())
+        for name, matchers in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", text):
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+                if label not in catalogue.get(name, frozenset()) | TARGET_LABELS:
+                    wrong.append((where, name, label))
+        for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", text):
+            wrong += [(where, "grouping", label.strip()) for label in group.split(",")
+                      if label.strip() and label.strip() not in present]
+    assert not wrong, wrong
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
