@@ -258,4 +258,4 @@ def test_provisioning_files() -> None:
     providers = yaml.safe_load((PROVISIONING / "dashboards" / "pgsidecar.yml").read_text())
     assert providers["apiVersion"] == 1
     (provider,) = providers["providers"]
-    assert provider["type"] == "file" and provider["options"]["path"].startswith("/var/lib/grafana/dashboards/")
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/etc/grafana/dashboards/")
