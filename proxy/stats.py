@@ -37,6 +37,7 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
+from operator import attrgetter
 from typing import Callable, Mapping
 
 from .fingerprint import Fingerprint
@@ -174,6 +175,11 @@ class Scope:
         self.user = user
         self.kinds: dict[str, _KindStats] = {}
         self.slow = 0
+
+
+# Least significant first: least total time, then least recently seen (attrgetter: no Python
+# frame per entry, which matters when 10,000 fingerprints cycle through 5,000 slots).
+_SIGNIFICANCE = attrgetter("total", "last_seen")
 
 
 def _cumulative(counts: list[int]) -> tuple[int, ...]:
@@ -347,7 +353,7 @@ class QueryStats:
     def _evict(self) -> None:
         entries = self._entries
         count = max(1, int(len(entries) * EVICT_FRACTION))
-        victims = heapq.nsmallest(count, entries.values(), key=lambda e: (e.total, e.last_seen))
+        victims = heapq.nsmallest(count, entries.values(), key=_SIGNIFICANCE)
         for entry in victims:
             del entries[entry.fingerprint.id]
         self._evicted += len(victims)
