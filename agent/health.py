@@ -276,8 +276,7 @@ class Health:
 
     # ------------------------------------------------------------------ components
     def _accepting(self) -> bool:
-        server = self.proxy._server  # noqa: SLF001 - ProxyServer has no public "accepting" yet
-        return server is not None and server.is_serving()
+        return self.proxy.accepting
 
     def _proxy_section(self) -> dict[str, Any]:
         snap = self.proxy.snapshot()

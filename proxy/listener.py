@@ -212,6 +212,11 @@ class ProxyServer:
                 pass
         log.info("proxy_stopped", extra={"port": self.port})
 
+    @property
+    def accepting(self) -> bool:
+        """The listening socket is open and serving new client connections."""
+        return self._server is not None and self._server.is_serving()
+
     # ------------------------------------------------------------------ sessions
     def session_opened(self, session: ClientSession) -> int:
         self.pending_sessions.discard(session)
