@@ -6,8 +6,8 @@ setup(
     version="0.1.0",
     description="Observability sidecar and PostgreSQL wire-protocol pooling proxy",
     python_requires=">=3.11",
-    packages=["agent", "proxy", "config", "graphql_gateway"],
-    package_data={"config": ["*.yaml", "*.yml"]},
+    packages=["agent", "proxy", "config", "graphql_gateway", "migrations", "migrations.versions"],
+    package_data={"config": ["*.yaml", "*.yml"], "migrations": ["script.py.mako"]},
     install_requires=[
         "aiohttp>=3.9",
         "asyncpg>=0.29",

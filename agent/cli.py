@@ -1,4 +1,5 @@
-"""The ``pgsidecar`` command line: ``run``, ``check-config`` and ``cache install-triggers|remove-triggers``."""
+"""The ``pgsidecar`` command line: ``run``, ``check-config``, ``cache install-triggers|remove-triggers``
+and ``migrate`` (the recruiter database's Alembic migrations)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     for p in (install, remove):
         common(p)
         p.add_argument("--database", help="database to work in (default: the upstream DSN's)")
+    migrate = sub.add_parser("migrate", help="apply the database migrations (default: upgrade to head)")
+    common(migrate)
+    where = migrate.add_mutually_exclusive_group()
+    where.add_argument("--to", metavar="REV", help="upgrade to REV instead of head")
+    where.add_argument("--down", metavar="REV", help="downgrade to REV ('base': remove everything)")
+    where.add_argument("--status", action="store_true", help="print the current revision and the pending ones")
+    migrate.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     return parser
 
 
@@ -71,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "cache":
         return asyncio.run(_cache_command(settings, args))
+    if args.command == "migrate":
+        return _migrate_command(settings, args)
     from .logs import setup_logging
 
     setup_logging(settings.logging)
@@ -176,4 +186,59 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
     elif events is False:
         print("pgsidecar: note: not a superuser, so no DDL event triggers: DDL run straight on the server "
               "(not through the proxy) is seen only when the cached entries expire (cache.ttl_s)")
+    return 0
+
+
+def _migrate_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``pgsidecar migrate [--to REV | --down REV | --status] [--sql]`` on the upstream."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from migrations import runner
+
+    if not settings.upstream.dsn:
+        print("pgsidecar: migrate: no database: set DATABASE_URL, --upstream or upstream.dsn", file=sys.stderr)
+        return 2
+    dsn = settings.upstream.dsn
+    up = parse_dsn(dsn)
+    where = f"{up.host}:{up.port}/{up.database or up.user or 'postgres'}"
+
+    def progress(step: runner.Applied) -> None:
+        verb = "applied" if step.direction == "up" else "reverted"
+        print(f"pgsidecar: migrate: {verb} {step.revision}: {step.doc}", flush=True)
+
+    try:
+        if args.status:
+            cfg = runner.alembic_config(dsn)
+            cur = runner.current(dsn)
+            todo = runner.pending(dsn)
+            print(f"pgsidecar: migrate: {where} at {cur or 'base'} (head {', '.join(runner.heads(cfg))})")
+            print("pgsidecar: migrate: pending: " + (", ".join(todo) if todo else "none"))
+            return 0
+        cfg = runner.alembic_config(dsn, on_apply=None if args.sql else progress, output=sys.stdout)
+        cfg.attributes["on_wait"] = lambda: print(
+            "pgsidecar: migrate: another migration run holds the lock; waiting", flush=True)
+        if args.down:
+            target = args.down
+            if args.sql:  # offline: from the database's revision (Alembic needs it spelled out)
+                target = f"{runner.current(dsn) or 'base'}:{target}"
+            runner.downgrade(cfg, target, sql=args.sql)
+        else:
+            target = args.to or "head"
+            if args.sql:
+                cur = runner.current(dsn)
+                target = f"{cur}:{target}" if cur else target
+            runner.upgrade(cfg, target, sql=args.sql)
+    except CommandError as exc:
+        print(f"pgsidecar: migrate: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        # Names the statement and the server's message; revisions already applied stay stamped.
+        orig = getattr(exc, "orig", None) or exc
+        statement = getattr(exc, "statement", None)
+        print(f"pgsidecar: migrate: failed on {where}: {str(orig).strip()}"
+              + (f"\n  statement: {statement.strip()[:500]}" if statement else ""), file=sys.stderr)
+        return 1
+    if not args.sql:
+        print(f"pgsidecar: migrate: {where} now at {runner.current(dsn) or 'base'}")
     return 0

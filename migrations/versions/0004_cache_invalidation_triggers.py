@@ -1,0 +1,42 @@
+"""the result cache's invalidation trigger on the recruiter tables
+
+Revision ID: 0004
+Revises: 0003
+
+The same function and trigger ``pgsidecar cache install-triggers`` puts in place
+(proxy.invalidation). The downgrade drops the triggers on the recruiter tables, and the function
+only when no other table's trigger (one ``install-triggers`` put elsewhere) still uses it.
+"""
+from __future__ import annotations
+
+from alembic import op
+
+from proxy.invalidation import FUNCTION, FUNCTION_SQL, TRIGGER, trigger_sql
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+TABLES = ("users", "companies", "resumes", "jobs", "matches", "predictions")
+
+
+def upgrade() -> None:
+    op.execute(FUNCTION_SQL)
+    for table in TABLES:
+        for statement in trigger_sql("public", table).split("; "):
+            op.execute(statement)
+
+
+def downgrade() -> None:
+    for table in reversed(TABLES):
+        op.execute(f'DROP TRIGGER IF EXISTS {TRIGGER} ON public."{table}"')
+    op.execute(f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger AS t
+                   WHERE t.tgfoid = to_regprocedure('public.{FUNCTION}()')) THEN
+        DROP FUNCTION IF EXISTS public.{FUNCTION}();
+    END IF;
+END
+$$""")
