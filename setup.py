@@ -17,6 +17,7 @@ setup(
         "pyyaml>=6",
         "psutil>=5.9",
         "alembic>=1.13",
+        "psycopg[binary]>=3.1",  # the migrations' driver (SQLAlchemy postgresql+psycopg)
         "pglast>=6",
         "scramp>=1.4",
         "cachetools>=5",

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--down", metavar="REV", help="downgrade to REV ('base': remove everything)")
     where.add_argument("--status", action="store_true", help="print the current revision and the pending ones")
     migrate.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    seed = sub.add_parser("seed-demo", help="fill the migrated recruiter schema with synthetic data")
+    common(seed)
+    seed.add_argument("--users", type=int, default=10_000, help="number of users (default 10000)")
     return parser
 
 
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_cache_command(settings, args))
     if args.command == "migrate":
         return _migrate_command(settings, args)
+    if args.command == "seed-demo":
+        return _seed_demo_command(settings, args)
     from .logs import setup_logging
 
     setup_logging(settings.logging)
@@ -236,9 +241,42 @@ def _migrate_command(settings: Settings, args: argparse.Namespace) -> int:
         # Names the statement and the server's message; revisions already applied stay stamped.
         orig = getattr(exc, "orig", None) or exc
         statement = getattr(exc, "statement", None)
-        print(f"pgsidecar: migrate: failed on {where}: {str(orig).strip()}"
+        revision = ""
+        if not args.status and not args.sql:
+            # Each revision commits on its own: the failed one is the next after (upgrade) or
+            # the one at (downgrade) the revision the database is stamped with now.
+            try:
+                todo = [] if args.down else runner.pending(dsn)
+                failed = todo[0] if todo else (runner.current(dsn) if args.down else None)
+            except SQLAlchemyError:
+                failed = None
+            revision = f" revision {failed}" if failed else ""
+        print(f"pgsidecar: migrate:{revision} failed on {where}: {str(orig).strip()}"
               + (f"\n  statement: {statement.strip()[:500]}" if statement else ""), file=sys.stderr)
         return 1
     if not args.sql:
         print(f"pgsidecar: migrate: {where} now at {runner.current(dsn) or 'base'}")
+    return 0
+
+
+def _seed_demo_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``pgsidecar seed-demo --users N``: synthetic rows in the migrated recruiter schema."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from migrations.demo import seed_demo
+
+    if not settings.upstream.dsn:
+        print("pgsidecar: seed-demo: no database: set DATABASE_URL, --upstream or upstream.dsn", file=sys.stderr)
+        return 2
+    try:
+        counts = seed_demo(settings.upstream.dsn, args.users,
+                           lambda table, n: print(f"pgsidecar: seed-demo: {table}: {n} rows", flush=True))
+    except ValueError as exc:
+        print(f"pgsidecar: seed-demo: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        print(f"pgsidecar: seed-demo: failed (run `pgsidecar migrate` first?): {str(orig).strip()}", file=sys.stderr)
+        return 1
+    print(f"pgsidecar: seed-demo: {sum(counts.values())} rows inserted")
     return 0

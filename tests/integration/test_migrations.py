@@ -229,3 +229,51 @@ def test_status_and_offline_sql(fresh_db: Any) -> None:
     assert connect().execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
     down = migrate(dsn, "--down", "0001", "--sql").stdout
     assert "DROP INDEX CONCURRENTLY IF EXISTS idx_user_email" in down
+
+
+def test_a_failure_names_the_revision_and_statement_and_keeps_what_was_applied(fresh_db: Any) -> None:
+    dsn, connect = fresh_db
+    conn = connect()
+    conn.execute("CREATE TABLE user_statistics (id int)")  # in the way of revision 0003
+    proc = migrate(dsn, check=False)
+    assert proc.returncode == 1
+    assert "applied 0001:" in proc.stdout and "applied 0002:" in proc.stdout
+    assert "revision 0003 failed" in proc.stderr and 'relation "user_statistics" already exists' in proc.stderr
+    assert "statement: CREATE MATERIALIZED VIEW user_statistics" in proc.stderr
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+    # 0003 ran in one transaction: its first view is not left behind.
+    assert conn.execute("SELECT to_regclass('resume_job_matches')").fetchone() == (None,)
+    conn.execute("DROP TABLE user_statistics")
+    assert "applied 0003:" in migrate(dsn).stdout
+
+
+def test_seed_script_runs_the_same_command(fresh_db: Any) -> None:
+    dsn, connect = fresh_db
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_migrations.py"), "--to", "0001"],
+                          env=_env(dsn), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "applied 0001:" in proc.stdout
+    assert connect().execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+
+
+def test_seed_demo_fills_the_schema_and_the_seed_queries_use_the_indices(fresh_db: Any) -> None:
+    dsn, connect = fresh_db
+    migrate(dsn)
+    proc = subprocess.run([sys.executable, "-m", "agent", "seed-demo", "--users", "500"], env=_env(dsn), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "users: 500 rows" in proc.stdout
+    conn = connect()
+    counts = dict(conn.execute("""SELECT 'users', count(*) FROM users UNION ALL SELECT 'resumes', count(*) FROM resumes
+                                  UNION ALL SELECT 'matches', count(*) FROM matches
+                                  UNION ALL SELECT 'predictions', count(*) FROM predictions""").fetchall())
+    assert counts["users"] == 500 and counts["resumes"] == 750 and counts["matches"] == 15000
+    assert counts["predictions"] == 1500
+    assert conn.execute("SELECT count(*) FROM user_statistics").fetchone() == (500,)
+    strong = conn.execute("SELECT count(*) FROM matches WHERE match_score > 0.7").fetchone()
+    assert strong is not None and strong[0] > 0
+    assert conn.execute("SELECT count(*) FROM resume_job_matches").fetchone() == strong
+    conn.execute("SET enable_seqscan = off")  # 750 resumes: a sequential scan is cheaper
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN SELECT id FROM resumes WHERE skills @> ARRAY['python', 'sql']").fetchall())
+    assert "idx_resume_skills" in plan, plan
