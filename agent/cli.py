@@ -110,12 +110,13 @@ async def _run(settings: Settings) -> int:
     from .app import create_app
 
     embedded = None
-    dsn = settings.upstream.dsn
+    dsn: str | None = settings.upstream.dsn
     if not dsn:
         from .embedded import start_embedded
 
         dsn, embedded = await asyncio.to_thread(start_embedded, settings.embedded.data_dir)
     log.info("settings", extra={"settings": redacted(settings)})
+    assert dsn, "start_embedded returns the embedded server's DSN"
     upstream = parse_dsn(dsn)
     proxy = ProxyServer(settings, upstream)
     try:
