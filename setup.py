@@ -30,7 +30,7 @@ setup(
             "pytest-aiohttp>=1.0",
             "pytest-asyncio>=0.23",
             "pytest-timeout>=2.3",
-            "psycopg[binary]>=3.1",
+            "psycopg[binary]>=3.3.9",  # bundles libpq 18, the first that asks for protocol 3.2
             "psycopg2-binary>=2.9",
             "sqlalchemy[asyncio]>=2.0",  # the asyncio extra brings greenlet (sqlalchemy.ext.asyncio)
             "hypothesis>=6",

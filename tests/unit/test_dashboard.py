@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from agent import keys
 from agent.app import create_app
 from config.loader import load_settings, parse_dsn
 from proxy.listener import ProxyServer
+from tests.helpers.tools import tool
 
 ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "dashboards" / "grafana-dashboard.json"
@@ -236,7 +236,6 @@ def test_every_label_is_one_the_metric_has(dashboard: dict[str, Any],
     assert not wrong, wrong
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
 def test_every_expression_parses_with_promtool(dashboard: dict[str, Any], tmp_path: Path) -> None:
     rules = []
     for n, (where, expr) in enumerate(_expressions(dashboard)):
@@ -246,7 +245,7 @@ def test_every_expression_parses_with_promtool(dashboard: dict[str, Any], tmp_pa
         rules.append({"record": f"dashboard:expr_{n}", "expr": expr})
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
