@@ -229,7 +229,7 @@ class CacheFront:
         if self.mode == "hinted" and b"pgsidecar:" not in sql:
             cache.record_bypass("not_hinted")
             return None
-        monitor = self.monitors.get(database) or self.monitor_for(database, endpoint)
+        monitor = self.monitor_for(database, endpoint)
         if not monitor.ready:
             cache.record_bypass("not_listening")
             return None

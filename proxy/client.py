@@ -746,16 +746,18 @@ class ClientSession(asyncio.Protocol):
                 p1 = buf.index(0, pos + 5, end)
                 p2 = buf.index(0, p1 + 1, end)
                 target = None
-                if measure:
-                    if not self._segment_start:
-                        self._segment_start = now
-                    if self._segment is None:
-                        self._segment = self._statement_text(bytes(buf[p1 + 1 : p2]))
-                if front is not None:
-                    if server.txn != _IDLE:
-                        front.cache.record_bypass("in_transaction")
-                    if self._fill is None:
-                        self._classify(self._statement_text(bytes(buf[p1 + 1 : p2])), bool(pending))
+                if measure or front is not None:
+                    text = self._statement_text(bytes(buf[p1 + 1 : p2]))
+                    if measure:
+                        if not self._segment_start:
+                            self._segment_start = now
+                        if self._segment is None:
+                            self._segment = text
+                    if front is not None:
+                        if server.txn != _IDLE:
+                            front.cache.record_bypass("in_transaction")
+                        if self._fill is None:
+                            self._classify(text, bool(pending))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -783,10 +785,10 @@ class ClientSession(asyncio.Protocol):
                 qend = buf.index(0, nul + 1, end)
                 sql = bytes(buf[nul + 1 : qend])
                 self._inspect(sql, server)
-                if measure or front is not None:
+                if measure:
                     self._segment = sql
-                    if nul == pos + 5:
-                        self._unnamed_sql = sql
+                if nul == pos + 5:
+                    self._unnamed_sql = sql  # what a later Bind of the unnamed statement runs
                 if nul > pos + 5:
                     name = bytes(buf[pos + 5 : nul])
                     rest = bytes(buf[nul + 1 : end])
@@ -901,11 +903,11 @@ class ClientSession(asyncio.Protocol):
             if fill is not None:
                 self._fill = None
                 self._front.finish(fill, status)
-            if status == _IDLE and (self._written or self._flush or self._ddl or self._unnoted):
-                if self._written or self._flush or self._ddl or self._front.fills:
+            if status == _IDLE:
+                if self._written or self._flush or self._ddl or (self._unnoted and self._front.fills):
                     self._commit(server is None or not server.pending)
                 else:
-                    self._unnoted = False  # still nothing ever cached: nothing to invalidate
+                    self._unnoted = False  # nothing was ever cached meanwhile: nothing to invalidate
         if server is None or server.pending:
             return
         self.transactions += status == _IDLE
@@ -1099,12 +1101,7 @@ class ClientSession(asyncio.Protocol):
     def _text_of(self, name: bytes, parsed: dict[bytes, bytes]) -> bytes:
         """The text of statement ``name``: parsed in the segment at hand, or earlier (b"": unknown)."""
         sql = parsed.get(name)
-        if sql is not None:
-            return sql
-        if not name:
-            return self._unnamed_sql
-        entry = self.statements.get(name)
-        return entry[2] if entry is not None else b""
+        return self._statement_text(name) if sql is None else sql
 
     def _classify(self, sql: bytes, behind: bool) -> None:
         """Note what a statement of the open transaction writes, for invalidation at commit.

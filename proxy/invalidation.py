@@ -31,6 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .cache import ResultCache, table_match_key
+from .protocol import quote_ident
 
 if TYPE_CHECKING:
     from .server import Endpoint
@@ -133,12 +134,8 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def trigger_sql(schema: str, table: str) -> str:
-    qualified = f"{_ident(schema)}.{_ident(table)}"
+    qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
     return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {qualified}; "
             f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {qualified} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION public.{FUNCTION}()")
@@ -191,7 +188,7 @@ async def remove_triggers(conn: Any) -> list[str]:
         "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1::text[])", list(EVENT_TRIGGERS))
     async with conn.transaction():
         for row in rows:
-            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {_ident(row[0])}.{_ident(row[1])}")
+            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {quote_ident(row[0])}.{quote_ident(row[1])}")
         await conn.execute(f"DROP FUNCTION IF EXISTS public.{FUNCTION}()")
         if has_events:
             for name in EVENT_TRIGGERS:

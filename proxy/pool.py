@@ -357,11 +357,11 @@ class Pool:
         for key, value in desired.items():
             current = params.get(key, extra.get(key))
             if current != value:
-                statements.append(f"SET {_ident(key)} TO {_literal(value)}")
+                statements.append(f"SET {pq.quote_ident(key)} TO {pq.quote_literal(value)}")
                 if key not in params:
                     extra[key] = value
         for key in [k for k in extra if k not in desired]:
-            statements.append(f"RESET {_ident(key)}")
+            statements.append(f"RESET {pq.quote_ident(key)}")
             del extra[key]
         server.applied = desired
         if not statements:
@@ -445,12 +445,6 @@ def _expire(fut: asyncio.Future[ServerConnection | None]) -> None:
         fut.set_result(None)
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def settable(name: str) -> bool:

@@ -255,3 +255,13 @@ def rows_in_tag(tag: bytes | bytearray) -> int:
     after the last space, else 0 ("CREATE TABLE")."""
     digits = tag[tag.rfind(b" ") + 1 :]
     return int(digits) if digits.isdigit() else 0
+
+
+def quote_ident(name: str) -> str:
+    """An SQL identifier, double-quoted (for statements the proxy writes itself)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """An SQL string literal (standard_conforming_strings on, as on every supported server)."""
+    return "'" + value.replace("'", "''") + "'"
