@@ -8,6 +8,8 @@ import urllib.request
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.samples import Sample
 
 from agent.app import create_app
 from tests.helpers.proxy_thread import RunningProxy
@@ -46,3 +48,22 @@ class RunningAgent:
 
     def stop(self) -> None:
         self.proxy.call(self.runner.cleanup())
+
+
+# ----------------------------------------------------------------------------- reading a scrape
+
+
+def parse_samples(text: str) -> list[Sample]:
+    """Every sample of a Prometheus text-format scrape, parsed by prometheus_client."""
+    return [s for family in parse_text(text) for s in family.samples]
+
+
+def find_samples(found: list[Sample], name: str, **labels: str) -> list[Sample]:
+    return [s for s in found if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def sample_value(found: list[Sample], name: str, **labels: str) -> float:
+    """The value of the one sample ``name{labels}`` (fails when there is not exactly one)."""
+    matches = find_samples(found, name, **labels)
+    assert len(matches) == 1, (name, labels, matches)
+    return matches[0].value

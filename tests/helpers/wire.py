@@ -217,3 +217,8 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {message or predicate}: last={last!r}")
         time.sleep(interval)
+
+
+def wait_for(what: str, probe, timeout: float = 20.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """``wait_until`` with the thing waited for named first: ``wait_for("the NOTIFY", lambda: ...)``."""
+    return wait_until(probe, timeout, interval, message=what)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,13 +18,13 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.samples import Sample
 
 from agent.app import create_app
 from proxy.invalidation import FUNCTION_SQL, trigger_sql
-from tests.helpers.agent_http import RunningAgent
+from tests.helpers.agent_http import RunningAgent, find_samples, parse_samples, sample_value
 from tests.helpers.proxy_thread import RunningProxy
+from tests.helpers.wire import wait_for
 from tests.helpers.tools import promtool_check_metrics
 
 ROW_VALUE = "row-value-5f1e"  # must never appear in any answer of the agent
@@ -93,21 +92,15 @@ def _connect(proxy: RunningProxy, *, autocommit: bool = True) -> psycopg.Connect
 def _scrape(agent: RunningAgent) -> list[Sample]:
     status, _, body = agent.request("GET", "/metrics")
     assert status == 200, body[:500]
-    return [s for family in parse_text(body.decode()) for s in family.samples]
+    return parse_samples(body.decode())
 
 
-def _find(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
-    return [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
-def _value(samples: list[Sample], name: str, **labels: str) -> float:
-    found = _find(samples, name, **labels)
-    assert len(found) == 1, (name, labels, found)
-    return found[0].value
 
 
 def _by_label(samples: list[Sample], name: str, label: str) -> dict[str, float]:
-    return {s.labels[label]: s.value for s in _find(samples, name)}
+    return {s.labels[label]: s.value for s in find_samples(samples, name)}
 
 
 def _cache(agent: RunningAgent, query: str = "") -> dict[str, Any]:
@@ -116,16 +109,6 @@ def _cache(agent: RunningAgent, query: str = "") -> dict[str, Any]:
     return doc
 
 
-def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``probe`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.02)
 
 
 def _select(conn: psycopg.Connection[Any], table: str, row: int = 1) -> list[tuple[Any, ...]]:
@@ -144,24 +127,24 @@ def test_repeated_selects_are_one_miss_then_hits_in_metrics_and_api(
 
     samples = _scrape(agent)
     assert _by_label(samples, "pgsidecar_cache_requests_total", "result") == {"hit": n - 1, "miss": 1, "bypass": 0}
-    assert _value(samples, "pgsidecar_cache_hit_ratio") == pytest.approx((n - 1) / n)
-    assert _value(samples, "pgsidecar_cache_stores_total") == 1
-    assert _value(samples, "pgsidecar_cache_entries") == 1
+    assert sample_value(samples, "pgsidecar_cache_hit_ratio") == pytest.approx((n - 1) / n)
+    assert sample_value(samples, "pgsidecar_cache_stores_total") == 1
+    assert sample_value(samples, "pgsidecar_cache_entries") == 1
     max_bytes = cached.settings.cache.max_bytes
-    assert _value(samples, "pgsidecar_cache_max_bytes") == max_bytes
-    assert 0 < _value(samples, "pgsidecar_cache_bytes") < max_bytes
+    assert sample_value(samples, "pgsidecar_cache_max_bytes") == max_bytes
+    assert 0 < sample_value(samples, "pgsidecar_cache_bytes") < max_bytes
     # Every eviction reason and invalidation source has a series from the start.
     assert _by_label(samples, "pgsidecar_cache_evictions_total", "reason") == {
         "lru": 0, "ttl": 0, "invalidation": 0, "flush": 0}
     assert _by_label(samples, "pgsidecar_cache_invalidations_total", "source") == {
         "proxy": 0, "notify": 0, "ttl": 0, "flush": 0}
-    assert not _find(samples, "pgsidecar_cache_bypasses_total")
-    assert not _find(samples, "pgsidecar_cache_rejected_total")
+    assert not find_samples(samples, "pgsidecar_cache_bypasses_total")
+    assert not find_samples(samples, "pgsidecar_cache_rejected_total")
     db = {"database": cached.database}
-    assert _value(samples, "pgsidecar_cache_listen_up", **db) == 1
-    assert _value(samples, "pgsidecar_cache_tracked_tables", **db) >= 1
-    assert _value(samples, "pgsidecar_cache_notifications_total", **db) == 0
-    assert _value(samples, "pgsidecar_cache_listen_drops_total", **db) == 0
+    assert sample_value(samples, "pgsidecar_cache_listen_up", **db) == 1
+    assert sample_value(samples, "pgsidecar_cache_tracked_tables", **db) >= 1
+    assert sample_value(samples, "pgsidecar_cache_notifications_total", **db) == 0
+    assert sample_value(samples, "pgsidecar_cache_listen_drops_total", **db) == 0
 
     status, headers, body = agent.request("GET", "/api/cache")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
@@ -173,7 +156,7 @@ def test_repeated_selects_are_one_miss_then_hits_in_metrics_and_api(
     assert doc["requests"] == {"hit": n - 1, "miss": 1, "bypass": 0}
     assert doc["hit_ratio"] == pytest.approx((n - 1) / n)
     assert doc["stores"] == 1 and doc["entries"] == 1 and doc["max_bytes"] == max_bytes
-    assert doc["bytes"] == _value(samples, "pgsidecar_cache_bytes")
+    assert doc["bytes"] == sample_value(samples, "pgsidecar_cache_bytes")
     assert doc["invalidations"] == {"flush": 0, "notify": 0, "proxy": 0, "ttl": 0}
     assert doc["bypasses"] == {} and doc["rejected"] == {}
     (database,) = doc["databases"]
@@ -222,10 +205,10 @@ def test_flush_empties_the_cache_and_counts_a_flush(cached: RunningProxy, agent:
         assert state["entries"] == 0 and state["bytes"] == 0 and state["top"] == []
         assert state["invalidations"]["flush"] == 1 and state["evictions"]["flush"] == 2
         samples = _scrape(agent)
-        assert _value(samples, "pgsidecar_cache_invalidations_total", source="flush") == 1
-        assert _value(samples, "pgsidecar_cache_evictions_total", reason="flush") == 2
-        assert _value(samples, "pgsidecar_cache_entries") == 0
-        assert _value(samples, "pgsidecar_cache_bytes") == 0
+        assert sample_value(samples, "pgsidecar_cache_invalidations_total", source="flush") == 1
+        assert sample_value(samples, "pgsidecar_cache_evictions_total", reason="flush") == 2
+        assert sample_value(samples, "pgsidecar_cache_entries") == 0
+        assert sample_value(samples, "pgsidecar_cache_bytes") == 0
 
         # Served by the server again: a miss, stored anew.
         assert _select(conn, table, 1) == [(ROW_VALUE,)]
@@ -253,11 +236,11 @@ def test_a_write_through_the_proxy_invalidates_with_source_proxy(
         assert direct().execute(f"select v from {table} where id = 1").fetchone() == ("changed by proxy",)
 
         # The trigger fires for this write too: its notification arrives as well.
-        _wait_for("the trigger's notification", lambda: _cache(agent)["invalidations"]["notify"] == 1)
+        wait_for("the trigger's notification", lambda: _cache(agent)["invalidations"]["notify"] == 1)
         samples = _scrape(agent)
-        assert _value(samples, "pgsidecar_cache_invalidations_total", source="proxy") == 1
-        assert _value(samples, "pgsidecar_cache_invalidations_total", source="notify") == 1
-        assert _value(samples, "pgsidecar_cache_notifications_total", database=cached.database) == 1
+        assert sample_value(samples, "pgsidecar_cache_invalidations_total", source="proxy") == 1
+        assert sample_value(samples, "pgsidecar_cache_invalidations_total", source="notify") == 1
+        assert sample_value(samples, "pgsidecar_cache_notifications_total", database=cached.database) == 1
 
         assert _select(conn, table) == [("changed by proxy",)]
     state = _cache(agent)
@@ -290,14 +273,14 @@ def test_a_direct_write_invalidates_with_source_notify(
         direct().execute(f"update {table} set v = 'changed directly' where id = 1")
         def notified() -> list[Sample] | None:
             samples = _scrape(agent)
-            return samples if _value(samples, "pgsidecar_cache_invalidations_total", source="notify") else None
+            return samples if sample_value(samples, "pgsidecar_cache_invalidations_total", source="notify") else None
 
-        samples = _wait_for("pgsidecar_cache_invalidations_total{source=notify}", notified)
-        assert _value(samples, "pgsidecar_cache_invalidations_total", source="notify") == 1
-        assert _value(samples, "pgsidecar_cache_invalidations_total", source="proxy") == 0
-        assert _value(samples, "pgsidecar_cache_evictions_total", reason="invalidation") == 1
-        assert _value(samples, "pgsidecar_cache_entries") == 0
-        assert _value(samples, "pgsidecar_cache_notifications_total", database=cached.database) == 1
+        samples = wait_for("pgsidecar_cache_invalidations_total{source=notify}", notified)
+        assert sample_value(samples, "pgsidecar_cache_invalidations_total", source="notify") == 1
+        assert sample_value(samples, "pgsidecar_cache_invalidations_total", source="proxy") == 0
+        assert sample_value(samples, "pgsidecar_cache_evictions_total", reason="invalidation") == 1
+        assert sample_value(samples, "pgsidecar_cache_entries") == 0
+        assert sample_value(samples, "pgsidecar_cache_notifications_total", database=cached.database) == 1
 
         assert _select(conn, table) == [("changed directly",)]
     doc = _cache(agent)
@@ -315,12 +298,12 @@ def test_an_expired_entry_is_evicted_with_reason_ttl(cached: RunningProxy, agent
             doc = _cache(agent)
             return doc if doc["evictions"]["ttl"] else None
 
-        doc = _wait_for("the entry to expire", expired)
+        doc = wait_for("the entry to expire", expired)
     # Removed when a lookup met it expired: that lookup was a miss, and stored the result anew.
     assert doc["evictions"]["ttl"] == 1
     assert doc["requests"]["miss"] == 2 and doc["stores"] == 2 and doc["entries"] == 1
     samples = _scrape(agent)
-    assert _value(samples, "pgsidecar_cache_evictions_total", reason="ttl") == 1
+    assert sample_value(samples, "pgsidecar_cache_evictions_total", reason="ttl") == 1
 
 
 def test_a_lost_listen_connection_flushes_and_comes_back(
@@ -339,14 +322,14 @@ def test_a_lost_listen_connection_flushes_and_comes_back(
         doc = _cache(agent)
         return doc if doc["databases"][0]["drops"] == 1 and doc["databases"][0]["listening"] else None
 
-    doc = _wait_for("the LISTEN connection to drop and come back", back)
+    doc = wait_for("the LISTEN connection to drop and come back", back)
     assert doc["databases"][0]["connects"] == 2
     assert doc["entries"] == 0  # writes may have been missed while it was down
     assert doc["evictions"]["flush"] == 1 and doc["invalidations"]["flush"] >= 1
     samples = _scrape(agent)
     db = {"database": cached.database}
-    assert _value(samples, "pgsidecar_cache_listen_drops_total", **db) == 1
-    assert _value(samples, "pgsidecar_cache_listen_up", **db) == 1
+    assert sample_value(samples, "pgsidecar_cache_listen_drops_total", **db) == 1
+    assert sample_value(samples, "pgsidecar_cache_listen_up", **db) == 1
     # A new pid listens: the old one is gone.
     assert [r[0] for r in d.execute(
         "select pid from pg_stat_activity where application_name = 'pgsidecar-cache-listen' and datname = %s",
@@ -374,7 +357,7 @@ def test_bypass_reasons_are_counted(cached: RunningProxy, agent: RunningAgent, t
     assert doc["requests"] == {"hit": 0, "miss": 0, "bypass": 5}
     samples = _scrape(agent)
     assert _by_label(samples, "pgsidecar_cache_bypasses_total", "reason") == doc["bypasses"]
-    assert _value(samples, "pgsidecar_cache_requests_total", result="bypass") == 5
+    assert sample_value(samples, "pgsidecar_cache_requests_total", result="bypass") == 5
     for s in samples:  # the function's and the table's names are not labels
         assert not any("now" == v or untracked in v or ":" in v for v in s.labels.values()), s
 
@@ -439,8 +422,8 @@ def test_hinted_mode_counts_unhinted_statements_and_waits_for_its_listen_connect
         (top,) = doc["top"]
         assert top["hits"] == 2 and 0 < top["ttl_s"] <= 30
         samples = _scrape(agent)
-        assert _value(samples, "pgsidecar_cache_bypasses_total", reason="not_listening") == 1
-        assert _value(samples, "pgsidecar_cache_bypasses_total", reason="not_hinted") == 1
+        assert sample_value(samples, "pgsidecar_cache_bypasses_total", reason="not_listening") == 1
+        assert sample_value(samples, "pgsidecar_cache_bypasses_total", reason="not_hinted") == 1
     finally:
         agent.stop()
 

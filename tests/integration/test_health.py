@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from agent.health import Health
 from tests.helpers.agent_http import RunningAgent
 from tests.helpers.cluster import Cluster
 from tests.helpers.proxy_thread import RunningProxy
+from tests.helpers.wire import wait_for
 
 SMALL_POOL = {"pool__size": 3, "pool__max_overflow": 2, "pool__checkout_timeout": 10.0}
 
@@ -58,15 +58,6 @@ def _health(agent: RunningAgent) -> Health:
     raise AssertionError("no /readyz route")
 
 
-def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.05)
 
 
 def _connect(proxy: RunningProxy, **kw: Any) -> psycopg.Connection[Any]:
@@ -132,7 +123,7 @@ def test_ready_and_detailed_ok_with_real_figures(
     # and the probe's backend goes away.
     snap = proxy.snapshot().pools[0]
     assert snap.servers_opened == opened_before and snap.active == 0
-    _wait_for("the health probe's backend to close", lambda: _health_backends(d) == 0)
+    wait_for("the health probe's backend to close", lambda: _health_backends(d) == 0)
 
 
 def test_concurrent_requests_share_one_probe(proxy: RunningProxy, agent: RunningAgent) -> None:
@@ -179,7 +170,7 @@ def test_upstream_stopped_is_down_503_then_ready_again(
     def ready_status() -> tuple[int, Any]:
         return agent.json("GET", "/readyz")
 
-    status, doc = _wait_for("readyz to answer 503", lambda: (r := ready_status())[0] == 503 and r)
+    status, doc = wait_for("readyz to answer 503", lambda: (r := ready_status())[0] == 503 and r)
     assert doc["status"] == "not_ready" and "upstream PostgreSQL unreachable" in doc["reason"]
     assert doc["upstream"]["port"] == restartable_cluster.port
 
@@ -195,7 +186,7 @@ def test_upstream_stopped_is_down_503_then_ready_again(
     assert agent.json("GET", "/api/monitoring/status")[0] == 200
 
     restartable_cluster.start()
-    _wait_for("readyz to answer 200 again", lambda: ready_status()[0] == 200)
+    wait_for("readyz to answer 200 again", lambda: ready_status()[0] == 200)
     status, doc = agent.json("GET", "/api/health/detailed")
     assert status == 200 and doc["status"] == "ok" and doc["upstream"]["reachable"] is True
 
@@ -237,7 +228,7 @@ def test_clients_waiting_for_the_pool_is_degraded(
             status, doc = agent.json("GET", "/api/health/detailed")
             return doc["pools"]["pools"] and doc["pools"]["pools"][0]["waiting"] >= 1 and (status, doc)
 
-        status, doc = _wait_for("a client waiting for the pool", degraded)
+        status, doc = wait_for("a client waiting for the pool", degraded)
         assert status == 200  # degraded is still 200
         assert doc["status"] == "degraded" and "pools: degraded" in doc["reasons"]
         (pool,) = doc["pools"]["pools"]
@@ -286,14 +277,14 @@ def test_cache_off_and_listen_connection_down_is_degraded(
             status, doc = agent.json("GET", "/api/health/detailed")
             return doc["cache"]["status"] == "degraded" and (status, doc)
 
-        status, doc = _wait_for("the cache's LISTEN connection to be reported down", degraded)
+        status, doc = wait_for("the cache's LISTEN connection to be reported down", degraded)
         assert status == 200 and doc["status"] == "degraded" and "cache: degraded" in doc["reasons"]
         (side,) = doc["cache"]["databases"]
         assert side["listening"] is False and side["status"] == "degraded" and side["drops"] >= 1
         assert doc["upstream"]["reachable"] is True
 
         admin.execute("alter database side allow_connections true")
-        _wait_for("the LISTEN connection to come back",
+        wait_for("the LISTEN connection to come back",
                   lambda: agent.json("GET", "/api/health/detailed")[1]["status"] == "ok")
     finally:
         admin.execute("alter database side allow_connections true")

@@ -15,12 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
-from prometheus_client.parser import text_string_to_metric_families as parse_text
-from prometheus_client.samples import Sample
 
 from agent import keys
 from agent.app import create_app
-from tests.helpers.agent_http import RunningAgent
+from tests.helpers.agent_http import RunningAgent, find_samples, parse_samples, sample_value
 from tests.helpers.proxy_thread import RunningProxy
 from tests.helpers.tools import promtool_check_metrics
 
@@ -54,18 +52,10 @@ def _scrape_text(agent: RunningAgent, **headers: str) -> str:
     return body.decode()
 
 
-def _samples(text: str) -> list[Sample]:
-    return [s for family in parse_text(text) for s in family.samples]
 
 
-def _find(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
-    return [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
-def _value(samples: list[Sample], name: str, **labels: str) -> float:
-    found = _find(samples, name, **labels)
-    assert len(found) == 1, (name, labels, found)
-    return found[0].value
 
 
 def test_queries_pools_and_clients_from_real_traffic(proxy: RunningProxy, agent: RunningAgent, table: str,
@@ -81,50 +71,50 @@ def test_queries_pools_and_clients_from_real_traffic(proxy: RunningProxy, agent:
         # The server has the rows the client inserted.
         assert direct().execute(f"select count(*) from {table}").fetchone() == (2,)
 
-        samples = _samples(_scrape_text(agent))
+        samples = parse_samples(_scrape_text(agent))
 
     db, user = proxy.database, proxy.user
     scope = {"database": db, "user": user}
-    selects = _value(samples, "pgsidecar_queries_total", **scope, kind="select", status="ok")
+    selects = sample_value(samples, "pgsidecar_queries_total", **scope, kind="select", status="ok")
     assert selects >= 5
-    assert _value(samples, "pgsidecar_queries_total", **scope, kind="insert", status="ok") == 2
-    failed = _value(samples, "pgsidecar_queries_total", **scope, kind="select", status="error")
+    assert sample_value(samples, "pgsidecar_queries_total", **scope, kind="insert", status="ok") == 2
+    failed = sample_value(samples, "pgsidecar_queries_total", **scope, kind="select", status="error")
     assert failed >= 1
-    assert not _find(samples, "pgsidecar_queries_total", kind="insert", status="error")
+    assert not find_samples(samples, "pgsidecar_queries_total", kind="insert", status="error")
 
     # Duration histograms: one observation per statement of the kind, cumulative buckets.
     for kind, expected in (("select", selects + failed), ("insert", 2)):
         labels = {**scope, "kind": kind}
-        count = _value(samples, "pgsidecar_query_duration_seconds_count", **labels)
+        count = sample_value(samples, "pgsidecar_query_duration_seconds_count", **labels)
         assert count == expected
-        buckets = _find(samples, "pgsidecar_query_duration_seconds_bucket", **labels)
+        buckets = find_samples(samples, "pgsidecar_query_duration_seconds_bucket", **labels)
         values = [b.value for b in buckets]
         assert values == sorted(values) and buckets[-1].labels["le"] == "+Inf" and values[-1] == count
-        assert _value(samples, "pgsidecar_query_duration_seconds_sum", **labels) > 0
+        assert sample_value(samples, "pgsidecar_query_duration_seconds_sum", **labels) > 0
 
     # Pools: one (database, user) pool sized as configured, with the connections it opened.
     pool = {"pool": f"{db}/{user}", **scope}
-    assert _value(samples, "pgsidecar_pool_size", **pool) == proxy.settings.pool.size == 3
-    assert _value(samples, "pgsidecar_pool_max_overflow", **pool) == proxy.settings.pool.max_overflow
-    servers = {s.labels["state"]: s.value for s in _find(samples, "pgsidecar_pool_server_connections", **pool)}
+    assert sample_value(samples, "pgsidecar_pool_size", **pool) == proxy.settings.pool.size == 3
+    assert sample_value(samples, "pgsidecar_pool_max_overflow", **pool) == proxy.settings.pool.max_overflow
+    servers = {s.labels["state"]: s.value for s in find_samples(samples, "pgsidecar_pool_server_connections", **pool)}
     assert set(servers) == {"active", "idle", "overflow", "pinned", "connecting"}
     assert servers["idle"] + servers["active"] > 0
-    assert _value(samples, "pgsidecar_pool_server_connections_opened_total", **pool) >= 1
-    assert _value(samples, "pgsidecar_pool_waiting_clients", **pool) == 0
+    assert sample_value(samples, "pgsidecar_pool_server_connections_opened_total", **pool) >= 1
+    assert sample_value(samples, "pgsidecar_pool_waiting_clients", **pool) == 0
     # Every statement checked a server connection out (transaction mode).
-    assert _value(samples, "pgsidecar_pool_checkout_wait_seconds_count", **pool) >= 8
+    assert sample_value(samples, "pgsidecar_pool_checkout_wait_seconds_count", **pool) >= 8
 
     # Clients: ours, connected and between statements.
-    clients = {s.labels["state"]: s.value for s in _find(samples, "pgsidecar_client_connections")}
+    clients = {s.labels["state"]: s.value for s in find_samples(samples, "pgsidecar_client_connections")}
     assert clients == {"active": 0, "idle": 1, "waiting": 0, "pinned": 0}
-    assert _value(samples, "pgsidecar_client_connections_accepted_total") >= 1
-    assert _value(samples, "pgsidecar_client_connections_rejected_total") == 0
+    assert sample_value(samples, "pgsidecar_client_connections_accepted_total") >= 1
+    assert sample_value(samples, "pgsidecar_client_connections_rejected_total") == 0
 
-    (info,) = _find(samples, "pgsidecar_build_info")
+    (info,) = find_samples(samples, "pgsidecar_build_info")
     assert info.value == 1 and info.labels["version"]
-    assert 0 < _value(samples, "pgsidecar_start_time_seconds") <= time.time()
-    assert _value(samples, "pgsidecar_process_threads") >= 1
-    assert _value(samples, "process_resident_memory_bytes") > 0
+    assert 0 < sample_value(samples, "pgsidecar_start_time_seconds") <= time.time()
+    assert sample_value(samples, "pgsidecar_process_threads") >= 1
+    assert sample_value(samples, "process_resident_memory_bytes") > 0
 
     # Labels carry no SQL text (nor anything of the statements' values).
     for s in samples:
@@ -176,12 +166,12 @@ def test_http_requests_are_counted_by_route_pattern(agent: RunningAgent) -> None
     status, body = agent.json("GET", "/api/queries/top?by=bogus")
     assert status == 400
 
-    samples = _samples(_scrape_text(agent))
+    samples = parse_samples(_scrape_text(agent))
     requests = "pgsidecar_http_requests_total"
-    assert _value(samples, requests, method="GET", endpoint="/healthz", status="200") == 2
-    assert _value(samples, requests, method="GET", endpoint="unmatched", status="404") == 1
-    assert _value(samples, requests, method="GET", endpoint="/api/queries/top", status="400") == 1
-    assert _value(samples, "pgsidecar_http_request_duration_seconds_count", method="GET", endpoint="/healthz") == 2
+    assert sample_value(samples, requests, method="GET", endpoint="/healthz", status="200") == 2
+    assert sample_value(samples, requests, method="GET", endpoint="unmatched", status="404") == 1
+    assert sample_value(samples, requests, method="GET", endpoint="/api/queries/top", status="400") == 1
+    assert sample_value(samples, "pgsidecar_http_request_duration_seconds_count", method="GET", endpoint="/healthz") == 2
     for s in samples:
         assert not any("/nope" in v or "bogus" in v for v in s.labels.values()), s
 
@@ -189,26 +179,26 @@ def test_http_requests_are_counted_by_route_pattern(agent: RunningAgent) -> None
 def test_event_loop_lag_is_measured(proxy: RunningProxy, agent: RunningAgent) -> None:
     deadline = time.monotonic() + 2.0
     while True:
-        samples = _samples(_scrape_text(agent))
-        if _find(samples, "pgsidecar_event_loop_lag_seconds") or time.monotonic() > deadline:
+        samples = parse_samples(_scrape_text(agent))
+        if find_samples(samples, "pgsidecar_event_loop_lag_seconds") or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert _value(samples, "pgsidecar_event_loop_lag_seconds") >= 0
-    assert _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_count") >= 1
+    assert sample_value(samples, "pgsidecar_event_loop_lag_seconds") >= 0
+    assert sample_value(samples, "pgsidecar_event_loop_lag_distribution_seconds_count") >= 1
 
     # Block the loop the proxy and the agent share for longer than the monitor's interval: its
     # next wake-up is at least 0.05 s late (a lower bound that holds however slow the machine).
-    before = _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_sum")
+    before = sample_value(samples, "pgsidecar_event_loop_lag_distribution_seconds_sum")
     proxy.run(time.sleep, 0.3)
     deadline = time.monotonic() + 2.0
     while True:
-        samples = _samples(_scrape_text(agent))
-        grown = _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_sum") - before
+        samples = parse_samples(_scrape_text(agent))
+        grown = sample_value(samples, "pgsidecar_event_loop_lag_distribution_seconds_sum") - before
         if grown >= 0.04 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert grown >= 0.04
-    assert _value(samples, "pgsidecar_event_loop_lag_distribution_seconds_bucket", le="0.025") < _value(
+    assert sample_value(samples, "pgsidecar_event_loop_lag_distribution_seconds_bucket", le="0.025") < sample_value(
         samples, "pgsidecar_event_loop_lag_distribution_seconds_count")
 
 
@@ -228,12 +218,12 @@ def test_stats_disabled_still_serves_metrics_without_query_counters(proxy_factor
     try:
         with _connect(proxy) as conn:
             conn.execute("select 1")
-        samples = _samples(_scrape_text(agent))
+        samples = parse_samples(_scrape_text(agent))
     finally:
         agent.stop()
-    assert not _find(samples, "pgsidecar_queries_total")
-    assert not _find(samples, "pgsidecar_query_duration_seconds_count")
-    assert _value(samples, "pgsidecar_pool_size", pool=f"{proxy.database}/{proxy.user}") == proxy.settings.pool.size
+    assert not find_samples(samples, "pgsidecar_queries_total")
+    assert not find_samples(samples, "pgsidecar_query_duration_seconds_count")
+    assert sample_value(samples, "pgsidecar_pool_size", pool=f"{proxy.database}/{proxy.user}") == proxy.settings.pool.size
 
 
 def test_each_app_has_its_own_registry(proxy: RunningProxy) -> None:
@@ -249,7 +239,7 @@ def test_top_n_fingerprint_series_only_when_asked_for_and_capped(proxy_factory: 
     try:
         with psycopg.connect(**default.kwargs(), autocommit=True) as conn:
             conn.execute("select 1")
-        assert not [s for s in _samples(_scrape_text(agent)) if s.name.startswith("pgsidecar_query_top_")]
+        assert not [s for s in parse_samples(_scrape_text(agent)) if s.name.startswith("pgsidecar_query_top_")]
     finally:
         agent.stop()
     proxy = proxy_factory(stats__prometheus_top_n=2)
@@ -261,15 +251,15 @@ def test_top_n_fingerprint_series_only_when_asked_for_and_capped(proxy_factory: 
             conn.execute("select 2 + 2")
             conn.execute("select 'three', 3")
         text = _scrape_text(agent)
-        samples = _samples(text)
-        calls = _find(samples, "pgsidecar_query_top_calls_total")
+        samples = parse_samples(text)
+        calls = find_samples(samples, "pgsidecar_query_top_calls_total")
         assert len(calls) == 2  # capped at the setting
         busiest = max(calls, key=lambda s: s.value)
         assert busiest.value == 3 and busiest.labels["kind"] == "select"
         fid = busiest.labels["fingerprint"]
         status, doc = agent.json("GET", f"/api/queries/{fid}")
         assert status == 200 and doc["normalized"] == "select pg_sleep($1)"
-        seconds = _find(samples, "pgsidecar_query_top_duration_seconds_total", fingerprint=fid)
+        seconds = find_samples(samples, "pgsidecar_query_top_duration_seconds_total", fingerprint=fid)
         assert seconds and seconds[0].value >= 0.15
         assert "pg_sleep" not in "".join(str(s.labels) for s in samples)  # ids, never SQL text
         assert promtool_check_metrics(text) == (0, "")

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from proxy.invalidation import FUNCTION_SQL, trigger_sql
 from tests.helpers.agent_http import RunningAgent
 from tests.helpers.proxy_thread import RunningProxy
+from tests.helpers.wire import wait_for
 from tests.helpers.tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,15 +157,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(interval)
 
 
 # ----------------------------------------------------------------------------- the files, by the tools
@@ -384,7 +375,7 @@ def test_every_metric_the_rules_and_dashboard_use_is_in_the_agents_catalogue(age
         for _ in range(2):
             workload.one_round(conn)
     # pgsidecar_event_loop_lag_seconds appears after the loop-lag monitor's first wake-up.
-    catalogue = _wait_for("the first event-loop lag measurement", lambda: (
+    catalogue = wait_for("the first event-loop lag measurement", lambda: (
         names if "pgsidecar_event_loop_lag_seconds" in (names := _catalogue(agent)) else None), timeout=5)
     catalogue |= {"up"}  # Prometheus's own, per target
     used = {name: rule["alert"] for rule in _rules() for name in metric_names(rule["expr"])}
@@ -462,13 +453,13 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_every_rule_and_panel(ag
     prometheus = Prometheus(agent.port, workdir)
     try:
         with Workload(agent.proxy, table) as workload:
-            _wait_for("prometheus ready", prometheus.ready)
-            _wait_for("the agent's target up", lambda: [
+            wait_for("prometheus ready", prometheus.ready)
+            wait_for("the agent's target up", lambda: [
                 r for r in prometheus.query(f'up{{job="{JOB}"}}') if r["value"][1] == "1"])
             # Two scrapes that saw traffic: rate() over them is positive.
-            _wait_for("a positive query rate", lambda: _finite(prometheus.query(
+            wait_for("a positive query rate", lambda: _finite(prometheus.query(
                 f'sum(rate(pgsidecar_queries_total{{job="{JOB}"}}[1m])) > 0')))
-            _wait_for("a positive cache lookup rate", lambda: _finite(prometheus.query(
+            wait_for("a positive cache lookup rate", lambda: _finite(prometheus.query(
                 'sum(rate(pgsidecar_cache_requests_total{result=~"hit|miss"}[1m])) > 0')))
 
             # Every rule's expression parses and runs; each value-producing part returns data.
@@ -492,7 +483,7 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_every_rule_and_panel(ag
                 rules = [r for g in groups for r in g["rules"]]
                 return groups if rules and all(r["health"] == "ok" for r in rules) else None
 
-            groups = _wait_for("every rule evaluated", evaluated)
+            groups = wait_for("every rule evaluated", evaluated)
             assert {g["name"]: [r["name"] for r in g["rules"]] for g in groups} == expected
             assert all(g["file"] == str(ALERT_RULES) and g["interval"] == 1 for g in groups)
             for g in groups:
@@ -510,7 +501,7 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_every_rule_and_panel(ag
                         if a["state"] == "pending" and a["labels"].get("database") == proxy.database
                         and a["labels"].get("user") == proxy.user and a["labels"].get("job") == JOB}
 
-            _wait_for("HighErrorRate and SlowQueryRate pending",
+            wait_for("HighErrorRate and SlowQueryRate pending",
                       lambda: {"HighErrorRate", "SlowQueryRate"} <= pending())
 
             empty = []
