@@ -57,6 +57,7 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- schema
 
 _UserTuple = tuple[UserSettings, ...]
+_StrTuple = tuple[str, ...]
 
 
 def _build_schema() -> dict[str, tuple[type, dict[str, Any]]]:
@@ -94,6 +95,21 @@ def _port() -> _Rule:
     return _Rule("an integer from 0 to 65535", lambda v: 0 <= v <= 65535)
 
 
+def _networks_ok(values: tuple[str, ...]) -> bool:
+    import ipaddress
+
+    try:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _networks() -> _Rule:
+    return _Rule("a list of IP networks such as 169.254.0.0/16", _networks_ok, "is not a list of IP networks")
+
+
 def _one_of(*choices: str) -> _Rule:
     return _Rule("one of: " + ", ".join(choices), lambda v: v in choices, "is not allowed")
 
@@ -129,6 +145,23 @@ _RULES: dict[str, _Rule] = {
     "cache.max_bytes": _int_at_least(1024),
     "cache.max_result_bytes": _int_at_least(0),
     "cache.catalog_refresh_s": _positive_number(),
+    "webhooks.max_attempts": _int_at_least(1),
+    "webhooks.timeout_s": _positive_number(),
+    "webhooks.backoff_base_s": _positive_number(),
+    "webhooks.backoff_max_s": _positive_number(),
+    "webhooks.sweep_interval_s": _positive_number(),
+    "webhooks.lease_s": _positive_number(),
+    "webhooks.concurrency": _int_at_least(1),
+    "webhooks.batch_size": _int_at_least(1),
+    "webhooks.max_payload_bytes": _int_at_least(1024),
+    "webhooks.deny_networks": _networks(),
+    "graphql.max_depth": _int_at_least(1),
+    "graphql.max_cost": _int_at_least(1),
+    "graphql.default_page_size": _int_at_least(1),
+    "graphql.max_page_size": _int_at_least(1),
+    "graphql.query_timeout_s": _positive_number(),
+    "graphql.max_sessions": _int_at_least(1),
+    "views.refresh_interval_s": _number_at_least(0),
 }
 
 
@@ -192,6 +225,17 @@ def _to_optional_str(raw: object) -> str | None:
     return _to_str(raw)
 
 
+def _to_strs(raw: object) -> _StrTuple:
+    """YAML list of strings, or ``"a,b,c"`` (environment variables)."""
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if raw is None:
+        return ()
+    if isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
+        return tuple(raw)
+    raise _Invalid("a list of strings")
+
+
 def _to_users(raw: object) -> _UserTuple:
     """YAML list of {name, password}, or ``"alice:secret,bob:pw2"``. Never echoes a password."""
     if isinstance(raw, str):
@@ -241,6 +285,8 @@ def _converter(tp: Any) -> tuple[Callable[[object], Any], str]:
         return _to_str, "a string"
     if isinstance(tp, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}:
         return _to_optional_str, "a string, or empty/null for none"
+    if tp == _StrTuple:
+        return _to_strs, "a list of strings, or 'a,b,...'"
     if tp == _UserTuple:
         return _to_users, "a list of {name, password} mappings, or 'name:password,...'"
     raise TypeError(f"config.loader has no converter for settings type {tp!r}")
@@ -395,6 +441,18 @@ def _validate(settings: Settings, sources: Mapping[str, str]) -> None:
             f"{sources.get(given, '')}",
             missing,
         )
+
+    graphql = settings.graphql
+    if graphql.default_page_size > graphql.max_page_size:
+        raise ConfigError(
+            f"graphql.default_page_size: {graphql.default_page_size} is larger than graphql.max_page_size "
+            f"({graphql.max_page_size}) (expected a default page size no larger than the maximum)"
+            f"{sources.get('graphql.default_page_size', '')}",
+            "graphql.default_page_size",
+        )
+    if not graphql.path.startswith("/"):
+        raise ConfigError(f"graphql.path: {graphql.path!r} does not start with / (expected a URL path such as "
+                          f"/graphql){sources.get('graphql.path', '')}", "graphql.path")
 
     dsn = settings.upstream.dsn
     if dsn is not None:

@@ -111,6 +111,58 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    # Run the webhook emitter (it idles, saying why, until the webhook tables exist).
+    enabled: bool = True
+    # Database whose webhook tables the emitter serves; None = the upstream DSN's database.
+    database: str | None = None
+    # Attempts per delivery before it is marked dead (about a day with the default backoff).
+    max_attempts: int = 8
+    # Seconds allowed per HTTP attempt (connect + response).
+    timeout_s: float = 10.0
+    # Retry n waits backoff_base_s * 4**(n-1) seconds (capped at backoff_max_s), with +-25 % jitter.
+    backoff_base_s: float = 15.0
+    backoff_max_s: float = 43200.0
+    # Look for due deliveries at least this often, even without a NOTIFY wake-up.
+    sweep_interval_s: float = 5.0
+    # An emitter owns an endpoint's queue for this long (renewed while it delivers); a crashed
+    # emitter's endpoints are taken over by another one after it expires.
+    lease_s: float = 30.0
+    # Endpoints delivered to at once by this emitter.
+    concurrency: int = 16
+    # Deliveries fetched per endpoint per round.
+    batch_size: int = 100
+    # Largest payload POST /api/webhooks/trigger accepts, in bytes.
+    max_payload_bytes: int = 262144
+    # Webhook targets that resolve into these networks are refused (link-local and cloud metadata).
+    deny_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "100.100.100.200/32", "fd00:ec2::254/128")
+
+
+@dataclass(frozen=True, slots=True)
+class GraphQLSettings:
+    # Serve the GraphQL gateway on the agent's HTTP port.
+    enabled: bool = True
+    path: str = "/graphql"
+    # Deepest selection set a query may have.
+    max_depth: int = 8
+    # Largest estimated cost (rows a query may load, from page sizes) a query may have.
+    max_cost: int = 50000
+    default_page_size: int = 50
+    max_page_size: int = 500
+    # Seconds an operation may run before it is cancelled with an error.
+    query_timeout_s: float = 10.0
+    # Client sessions the gateway keeps to the proxy (they hold no server connection while idle).
+    max_sessions: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ViewsSettings:
+    # Seconds between REFRESH MATERIALIZED VIEW CONCURRENTLY of each view below; 0 = never.
+    refresh_interval_s: float = 0.0
+    names: tuple[str, ...] = ("resume_job_matches", "user_statistics")
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddedSettings:
     # Data directory of the embedded PostgreSQL; None = a folder under the user's cache dir.
     data_dir: str | None = None
@@ -128,4 +180,7 @@ class Settings:
     stats: StatsSettings = field(default_factory=StatsSettings)
     slow_query: SlowQuerySettings = field(default_factory=SlowQuerySettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    graphql: GraphQLSettings = field(default_factory=GraphQLSettings)
+    views: ViewsSettings = field(default_factory=ViewsSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
