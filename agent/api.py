@@ -270,6 +270,7 @@ def _is_loopback(remote: str | None) -> bool:
 def setup_api(app: web.Application) -> None:
     """Register /api/queries/* and /api/cache*."""
     api = QueryApi(app)
+    app[keys.REQUIRE_ADMIN] = api._require_admin  # noqa: SLF001 - one admin check (and warning) per app
     app.router.add_get("/api/queries/top", api.top)
     app.router.add_get("/api/queries/slow", api.slow)
     app.router.add_post("/api/queries/reset", api.reset)

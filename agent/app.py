@@ -11,6 +11,7 @@ from . import keys
 from .api import setup_api
 from .health import setup_health
 from .metrics import setup_metrics
+from .webhooks.routes import setup_webhooks
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -42,4 +43,5 @@ def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
     setup_metrics(app)
     setup_api(app)
     setup_health(app)
+    setup_webhooks(app)
     return app

@@ -1,6 +1,7 @@
 """Every aiohttp ``web.AppKey`` of the agent, declared once."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -11,6 +12,8 @@ from proxy.listener import ProxyServer
 
 if TYPE_CHECKING:
     from .metrics import LoopLagMonitor, ScrapeLog
+    from .webhooks.emitter import Emitter
+    from .webhooks.feed import ChangeFeed
 
 SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", ProxyServer)
@@ -19,3 +22,8 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 LOOP_LAG: web.AppKey[LoopLagMonitor] = web.AppKey("loop_lag")
 # The last GET /metrics (agent/metrics.py), for /api/monitoring/status (agent/health.py).
 SCRAPES: web.AppKey[ScrapeLog] = web.AppKey("scrapes")
+# The admin check of mutating endpoints (agent/api.py): bearer token, or loopback without one.
+REQUIRE_ADMIN: web.AppKey[Callable[[web.Request], None]] = web.AppKey("require_admin")
+# The webhook emitter (agent/webhooks) and its change feed (GraphQL subscriptions read it).
+WEBHOOKS: web.AppKey[Emitter] = web.AppKey("webhooks")
+CHANGE_FEED: web.AppKey[ChangeFeed] = web.AppKey("change_feed")

@@ -1,9 +1,11 @@
 """Fixtures that start a real pgsidecar proxy in front of the test PostgreSQL."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.helpers.proxy_thread import RunningProxy
@@ -32,3 +34,15 @@ def proxy_factory(pg_server: Any) -> Iterator[Callable[..., RunningProxy]]:
 def proxy(proxy_factory: Callable[..., RunningProxy]) -> RunningProxy:
     """A transaction-mode proxy with a small pool (size 3, overflow 2)."""
     return proxy_factory(pool__size=3, pool__max_overflow=2, pool__checkout_timeout=10.0)
+
+
+@pytest.fixture
+def fresh_db(pg_server: Any, direct: Callable[..., psycopg.Connection[Any]]) -> Iterator[tuple[str, Callable[[], psycopg.Connection[Any]]]]:
+    """(DSN, connect) of an empty database created for this test and dropped after it."""
+    name = f"pgsidecar_t_{uuid.uuid4().hex[:10]}"
+    admin = direct()
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield pg_server.dsn_for(database=name), lambda: direct(dbname=name)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

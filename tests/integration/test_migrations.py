@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 from migrations import runner
 
 ROOT = Path(__file__).resolve().parents[2]
-REVISIONS = ["0001", "0002", "0003", "0004"]
+REVISIONS = ["0001", "0002", "0003", "0004", "0005"]
 SEED_INDICES = {
     "idx_user_email": ("users", "(email)"),
     "idx_user_created": ("users", "(created_at)"),
@@ -68,18 +66,6 @@ def migrate(dsn: str, *args: str, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
-@pytest.fixture
-def fresh_db(pg_server: Any, direct: Callable[..., psycopg.Connection[Any]]) -> Iterator[tuple[str, Callable[[], psycopg.Connection[Any]]]]:
-    """(DSN, connect) of a database created for this test and dropped after it."""
-    name = f"pgsidecar_mig_{uuid.uuid4().hex[:10]}"
-    admin = direct()
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield pg_server.dsn_for(database=name), lambda: direct(dbname=name)
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def _demo_rows(conn: psycopg.Connection[Any], users: int = 200) -> None:
     skills = ["python", "go", "sql", "rust", "java", "k8s", "react", "postgres"]
     conn.execute("INSERT INTO companies (name, industry) SELECT 'company ' || g, 'tech' FROM generate_series(1, 20) AS g")
@@ -103,7 +89,7 @@ def test_upgrade_downgrade_upgrade_leaves_nothing_at_base(fresh_db: Any) -> None
     out = migrate(dsn).stdout
     for rev in REVISIONS:
         assert f"applied {rev}:" in out
-    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
     head = snapshot(conn)
     assert {"resume_job_matches", "user_statistics"} <= {r[0] for r in head["matviews"]}
 
@@ -212,16 +198,16 @@ def test_two_runners_at_once_apply_each_revision_once(fresh_db: Any) -> None:
     for rev in REVISIONS:
         applied = sum(f"applied {rev}:" in out for out, _ in outs)
         assert applied == 1, (rev, outs)
-    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
 
 
 def test_status_and_offline_sql(fresh_db: Any) -> None:
     dsn, connect = fresh_db
     out = migrate(dsn, "--status").stdout
-    assert "at base" in out and "pending: 0001, 0002, 0003, 0004" in out
+    assert "at base" in out and "pending: 0001, 0002, 0003, 0004, 0005" in out
     migrate(dsn, "--to", "0002")
     out = migrate(dsn, "--status").stdout
-    assert "at 0002" in out and "pending: 0003, 0004" in out
+    assert "at 0002" in out and "pending: 0003, 0004, 0005" in out
     sql = migrate(dsn, "--sql").stdout
     assert "CREATE MATERIALIZED VIEW resume_job_matches" in sql and "CREATE TRIGGER pgsidecar_cache_invalidate" in sql
     assert "CREATE TABLE users" not in sql  # from the database's revision on
