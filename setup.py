@@ -23,6 +23,7 @@ setup(
         "cachetools>=5",
         "pgserver>=0.1.4",
         "uvloop>=0.19; platform_system != 'Windows'",
+        "standardwebhooks>=1.0",  # webhook signatures (issue 7)
     ],
     extras_require={
         "test": [
