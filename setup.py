@@ -7,12 +7,14 @@ setup(
     description="Observability sidecar and PostgreSQL wire-protocol pooling proxy",
     python_requires=">=3.11",
     packages=["agent", "proxy", "config", "graphql_gateway", "migrations", "migrations.versions"],
-    package_data={"config": ["*.yaml", "*.yml"], "migrations": ["script.py.mako"]},
+    package_data={"config": ["*.yaml", "*.yml"], "migrations": ["script.py.mako"],
+                  "graphql_gateway": ["schema.graphql", "static/*"]},
     install_requires=[
         "aiohttp>=3.9",
         "asyncpg>=0.29",
         "prometheus-client>=0.20",
         "graphql-core>=3.2,<3.4",
+        "aiodataloader>=0.4",  # the GraphQL gateway's batch loaders
         "sqlparse>=0.5",
         "pyyaml>=6",
         "psutil>=5.9",

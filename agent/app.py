@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from config.settings import Settings
+from graphql_gateway.app import setup_graphql
 from proxy.listener import ProxyServer
 
 from . import keys
@@ -44,4 +45,6 @@ def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
     setup_api(app)
     setup_health(app)
     setup_webhooks(app)
+    if settings.graphql.enabled:
+        setup_graphql(app)
     return app

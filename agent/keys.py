@@ -11,6 +11,8 @@ from config.settings import Settings
 from proxy.listener import ProxyServer
 
 if TYPE_CHECKING:
+    from graphql_gateway.app import Gateway
+
     from .metrics import LoopLagMonitor, ScrapeLog
     from .webhooks.emitter import Emitter
     from .webhooks.feed import ChangeFeed
@@ -27,3 +29,5 @@ REQUIRE_ADMIN: web.AppKey[Callable[[web.Request], None]] = web.AppKey("require_a
 # The webhook emitter (agent/webhooks) and its change feed (GraphQL subscriptions read it).
 WEBHOOKS: web.AppKey[Emitter] = web.AppKey("webhooks")
 CHANGE_FEED: web.AppKey[ChangeFeed] = web.AppKey("change_feed")
+# The GraphQL gateway (graphql_gateway/app.py): its schema, pool to the proxy and statistics.
+GRAPHQL: web.AppKey[Gateway] = web.AppKey("graphql")

@@ -1,0 +1,137 @@
+"""The gateway's limits that are checked before any SQL runs: one validation rule, built per request
+(``limits_rule(settings, variables)``) and run with graphql-core's ``validate`` beside the
+specified rules.
+
+For each operation it walks the selection tree (through fragments, skipping introspection) and
+reports, each as a GraphQL error naming the setting:
+
+- ``max_depth``: the longest chain of nested fields (a top-level scalar is depth 1);
+- ``max_page_size``: a ``first`` above it (literal, variable or default) or below 0;
+- ``max_cost``: estimated rows: each object field costs the rows its parent may have times its
+  page size (``first``, else ``graphql.default_page_size``) for a list, times 1 otherwise; the
+  operation's cost is the sum. ``resumes(first: 100) { matches(first: 20) { job { id } } }``
+  costs 100 + 100*20 + 100*20 = 4100;
+- read-only: a mutation is refused (the schema has none; the error says why).
+
+The query timeout (``query_timeout_s``) is enforced around execution, in ``graphql_gateway.app``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from graphql import (
+    FieldNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLNamedType,
+    GraphQLObjectType,
+    InlineFragmentNode,
+    IntValueNode,
+    OperationDefinitionNode,
+    OperationType,
+    SelectionSetNode,
+    ValidationContext,
+    ValidationRule,
+    VariableNode,
+    get_named_type,
+    get_nullable_type,
+    is_list_type,
+)
+
+from config.settings import GraphQLSettings
+
+__all__ = ["Measure", "limits_rule"]
+
+
+@dataclass(slots=True)
+class Measure:
+    depth: int = 0
+    cost: int = 0
+
+
+def limits_rule(settings: GraphQLSettings, variables: Mapping[str, Any] | None) -> type[ValidationRule]:
+    """A validation rule class enforcing ``settings``' limits, knowing this request's variables."""
+    values = dict(variables or {})
+
+    class LimitsRule(ValidationRule):
+        def enter_operation_definition(self, node: OperationDefinitionNode, *_args: Any) -> Any:
+            context: ValidationContext = self.context
+            if node.operation == OperationType.MUTATION:
+                self.report_error(GraphQLError(
+                    "mutations are not supported: the GraphQL gateway is read-only", node,
+                    extensions={"code": "READ_ONLY"}))
+                return self.SKIP
+            root = context.schema.get_root_type(node.operation)
+            if root is None:
+                return self.SKIP
+            defaults = {d.variable.name.value: d.default_value for d in node.variable_definitions or ()}
+            measure = Measure()
+            self._walk(node.selection_set, root, 1, 1, measure, defaults, set())
+            if measure.depth > settings.max_depth:
+                self.report_error(GraphQLError(
+                    f"query depth {measure.depth} exceeds the maximum depth (graphql.max_depth={settings.max_depth})",
+                    node, extensions={"code": "DEPTH_LIMIT", "limit": "max_depth", "value": measure.depth}))
+            if measure.cost > settings.max_cost:
+                self.report_error(GraphQLError(
+                    f"query cost {measure.cost} (estimated rows) exceeds the maximum cost "
+                    f"(graphql.max_cost={settings.max_cost})",
+                    node, extensions={"code": "COST_LIMIT", "limit": "max_cost", "value": measure.cost}))
+            return self.SKIP
+
+        def _page_size(self, field: FieldNode, defaults: Mapping[str, Any]) -> int:
+            for arg in field.arguments or ():
+                if arg.name.value != "first":
+                    continue
+                value: Any = arg.value
+                if isinstance(value, VariableNode):
+                    name = value.name.value
+                    if name in values:
+                        value = values[name]
+                    else:
+                        value = defaults.get(name)
+                if isinstance(value, IntValueNode):
+                    value = int(value.value)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    if value > settings.max_page_size or value < 0:
+                        self.report_error(GraphQLError(
+                            f"first={value} on {field.name.value} is outside 0..{settings.max_page_size} "
+                            f"(graphql.max_page_size={settings.max_page_size})", field,
+                            extensions={"code": "PAGE_SIZE_LIMIT", "limit": "max_page_size", "value": value}))
+                        return settings.max_page_size
+                    return value
+            return settings.default_page_size
+
+        def _walk(self, selections: SelectionSetNode, parent: GraphQLNamedType, depth: int, rows: int,
+                  measure: Measure, defaults: Mapping[str, Any], seen: set[str]) -> None:
+            context: ValidationContext = self.context
+            for selection in selections.selections:
+                if isinstance(selection, FieldNode):
+                    name = selection.name.value
+                    if name.startswith("__") or not isinstance(parent, GraphQLObjectType):
+                        continue  # introspection costs no SQL; unknown types are other rules' business
+                    measure.depth = max(measure.depth, depth)
+                    definition = parent.fields.get(name)
+                    if definition is None or selection.selection_set is None:
+                        continue
+                    many = is_list_type(get_nullable_type(definition.type))  # type: ignore[arg-type]
+                    here = rows * (self._page_size(selection, defaults) if many else 1)
+                    measure.cost += here
+                    self._walk(selection.selection_set, get_named_type(definition.type), depth + 1, here,
+                               measure, defaults, seen)
+                elif isinstance(selection, InlineFragmentNode):
+                    condition = selection.type_condition
+                    target = context.schema.get_type(condition.name.value) if condition else parent
+                    if target is not None:
+                        self._walk(selection.selection_set, target, depth, rows, measure, defaults, seen)
+                elif isinstance(selection, FragmentSpreadNode):
+                    name = selection.name.value
+                    fragment = context.get_fragment(name)
+                    if fragment is None or name in seen:
+                        continue  # unknown or cyclic: NoUnusedFragments / NoFragmentCycles report it
+                    target = context.schema.get_type(fragment.type_condition.name.value)
+                    if target is not None:
+                        self._walk(fragment.selection_set, target, depth, rows, measure, defaults, seen | {name})
+
+    return LimitsRule

@@ -1,0 +1,196 @@
+"""Thin resolvers of the GraphQL gateway: turn arguments into a ``Page`` and filters, and ask the
+operation's ``RequestData`` (``graphql_gateway.data``) for rows. No SQL here.
+
+``OperationContext`` is the ``context_value`` of every operation: the data access of this
+operation, the page-size settings and, for subscriptions, the change feed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import GraphQLError, GraphQLResolveInfo
+
+from config.settings import GraphQLSettings
+
+from .data import COLUMNS, Filter, Page, PageError, RequestData, Row
+
+
+@dataclass(slots=True)
+class OperationContext:
+    """What one operation's resolvers share."""
+
+    settings: GraphQLSettings
+    new_data: Callable[[], RequestData]
+    feed: Any = None  # agent.webhooks.feed.ChangeFeed, when the webhook emitter runs
+    data: RequestData = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data = self.new_data()
+
+    def renew(self) -> None:
+        """Fresh loaders (for the next event of a subscription: no rows cached from the last)."""
+        self.data = self.new_data()
+
+
+def _ctx(info: GraphQLResolveInfo) -> OperationContext:
+    ctx: OperationContext = info.context
+    return ctx
+
+
+def parse_id(value: Any, argument: str = "id") -> int:
+    """An ``ID`` argument as the bigint it names; a GraphQL error when it is not one."""
+    text = str(value)
+    if not text.isdigit() or len(text) > 19:
+        raise GraphQLError(f"{argument} must be a numeric id, got {text[:40]!r}")
+    return int(text)
+
+
+def _page(info: GraphQLResolveInfo, first: int | None, after: Any, order: str = "id") -> Page:
+    settings = _ctx(info).settings
+    page = Page(settings.default_page_size if first is None else first,
+                None if after is None else parse_id(after, "after"), order)
+    try:
+        page.check(settings.max_page_size)
+    except PageError as exc:
+        raise GraphQLError(str(exc), extensions={"code": "PAGE_SIZE_LIMIT", "limit": "max_page_size"}) from None
+    return page
+
+
+def _order(order: str | None) -> str:
+    return (order or "ID").lower()
+
+
+# ----------------------------------------------------------------------------- Query
+async def user(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
+    return await _ctx(info).data.get("users", parse_id(id))
+
+
+async def users(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
+                email: str | None = None) -> list[Row]:
+    filters = [Filter("email", "eq", email)] if email is not None else []
+    return await _ctx(info).data.rows("users", _page(info, first, after), filters)
+
+
+async def resume(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
+    return await _ctx(info).data.get("resumes", parse_id(id))
+
+
+async def resumes(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
+                  user_id: Any = None) -> list[Row]:
+    filters = [Filter("user_id", "eq", parse_id(user_id, "user_id"))] if user_id is not None else []
+    return await _ctx(info).data.rows("resumes", _page(info, first, after), filters)
+
+
+async def job(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
+    return await _ctx(info).data.get("jobs", parse_id(id))
+
+
+async def jobs(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
+               company_id: Any = None) -> list[Row]:
+    filters = [Filter("company_id", "eq", parse_id(company_id, "company_id"))] if company_id is not None else []
+    return await _ctx(info).data.rows("jobs", _page(info, first, after), filters)
+
+
+async def company(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
+    return await _ctx(info).data.get("companies", parse_id(id))
+
+
+async def companies(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None) -> list[Row]:
+    return await _ctx(info).data.rows("companies", _page(info, first, after))
+
+
+def _match_filters(min_score: float | None) -> list[Filter]:
+    return [Filter("match_score", "ge", min_score)] if min_score is not None else []
+
+
+async def matches(_root: Any, info: GraphQLResolveInfo, resume_id: Any, first: int | None = None,
+                  after: Any = None, min_score: float | None = None, order: str | None = None) -> list[Row]:
+    filters = [Filter("resume_id", "eq", parse_id(resume_id, "resume_id")), *_match_filters(min_score)]
+    return await _ctx(info).data.rows("matches", _page(info, first, after, _order(order)), filters)
+
+
+async def predictions(_root: Any, info: GraphQLResolveInfo, resume_id: Any, first: int | None = None,
+                      after: Any = None) -> list[Row]:
+    filters = [Filter("resume_id", "eq", parse_id(resume_id, "resume_id"))]
+    return await _ctx(info).data.rows("predictions", _page(info, first, after), filters)
+
+
+# ----------------------------------------------------------------------------- relations
+def parent(table: str, fk: str) -> Callable[..., Any]:
+    """Resolver of a to-one relation: the ``table`` row whose id is the source's ``fk``."""
+
+    async def resolve(source: Row, info: GraphQLResolveInfo) -> Row | None:
+        return await _ctx(info).data.get(table, source[fk])
+
+    return resolve
+
+
+def children(table: str, fk: str, *, scored: bool = False) -> Callable[..., Any]:
+    """Resolver of a to-many relation: a page of the ``table`` rows whose ``fk`` is the source's id."""
+
+    async def resolve(source: Row, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
+                      min_score: float | None = None, order: str | None = None) -> list[Row]:
+        filters = _match_filters(min_score) if scored else []
+        page = _page(info, first, after, _order(order))
+        return await _ctx(info).data.children(table, fk, source["id"], page, filters)
+
+    return resolve
+
+
+# ----------------------------------------------------------------------------- Subscription
+def _feed(info: GraphQLResolveInfo) -> Any:
+    feed = _ctx(info).feed
+    if feed is None:
+        raise GraphQLError("subscriptions need the change feed of the webhook emitter, which is not running",
+                           extensions={"code": "NO_CHANGE_FEED"})
+    return feed
+
+
+class FeedEvents:
+    """The source stream of one subscription: the feed's events that ``keep`` accepts.
+
+    Subscribes to the feed when built (so a row committed after ``subscribe`` returns is seen) and
+    unsubscribes in ``aclose``, which graphql-core calls when the subscription ends. Each event
+    gets fresh loaders (``OperationContext.renew``)."""
+
+    def __init__(self, info: GraphQLResolveInfo, patterns: list[str], keep: Callable[[Any], bool]) -> None:
+        self.context = _ctx(info)
+        self.subscription = _feed(info).subscribe(patterns)
+        self.keep = keep
+
+    def __aiter__(self) -> FeedEvents:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            event = await self.subscription.__anext__()
+            if self.keep(event):
+                self.context.renew()
+                return event
+
+    async def aclose(self) -> None:
+        self.subscription.close()
+
+
+def match_created(_root: Any, info: GraphQLResolveInfo, resume_id: Any = None) -> FeedEvents:
+    wanted = None if resume_id is None else parse_id(resume_id, "resume_id")
+    return FeedEvents(info, ["matches.insert"],
+                      lambda e: e.new is not None and (wanted is None or e.new.get("resume_id") == wanted))
+
+
+def row_changed(_root: Any, info: GraphQLResolveInfo, table: str) -> FeedEvents:
+    if table not in COLUMNS:
+        raise GraphQLError(f"table must be one of {', '.join(COLUMNS)}, got {table[:40]!r}")
+    return FeedEvents(info, [f"{table}.*"], lambda e: e.table == table)
+
+
+def event_row(event: Any, _info: GraphQLResolveInfo, **_args: Any) -> Any:
+    """matchCreated's value: the inserted row (the event's ``new``)."""
+    return event.new
+
+
+def event_itself(event: Any, _info: GraphQLResolveInfo, **_args: Any) -> Any:
+    """rowChanged's value: the event (a RowChange)."""
+    return event
