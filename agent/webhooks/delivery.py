@@ -109,7 +109,7 @@ def check_patterns(events: object) -> tuple[str, ...]:
         raise InvalidWebhook(f"events has {len(events)} patterns, more than {MAX_PATTERNS}")
     out: list[str] = []
     for item in events:
-        if not isinstance(item, str) or not item or len(item) > MAX_PATTERN_LENGTH or not _PATTERN.match(item):
+        if not isinstance(item, str) or not item or len(item) > MAX_PATTERN_LENGTH or not _PATTERN.fullmatch(item):
             raise InvalidWebhook(
                 f"events: {str(item)[:60]!r} is not an event pattern (letters, digits, '_', '-' and '.', "
                 f"with '*' for any run of characters, e.g. 'resumes.insert', 'resumes.*', '*')"
@@ -121,7 +121,7 @@ def check_patterns(events: object) -> tuple[str, ...]:
 
 def check_event_type(event_type: object) -> str:
     if not isinstance(event_type, str) or not event_type or len(event_type) > MAX_PATTERN_LENGTH \
-            or not _EVENT_TYPE.match(event_type):
+            or not _EVENT_TYPE.fullmatch(event_type):
         raise InvalidWebhook(
             f"event_type: {str(event_type)[:60]!r} is not an event type (letters, digits, '_', '-' and '.', "
             f"at most {MAX_PATTERN_LENGTH} characters, e.g. 'user_signup')"
@@ -152,7 +152,7 @@ def matches(event_type: str, patterns: Iterable[str]) -> bool:
     """The Python twin of pgsidecar_emit's LIKE match ('*' = any run of characters)."""
     for pattern in patterns:
         regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
-        if re.match(regex, event_type):
+        if re.fullmatch(regex, event_type):
             return True
     return False
 
