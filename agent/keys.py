@@ -11,7 +11,7 @@ from config.settings import Settings
 from proxy.listener import ProxyServer
 
 if TYPE_CHECKING:
-    from graphql_gateway.app import Gateway
+    from graphql_gateway.gateway import Gateway
 
     from .metrics import LoopLagMonitor, ScrapeLog
     from .webhooks.emitter import Emitter
@@ -29,5 +29,5 @@ REQUIRE_ADMIN: web.AppKey[Callable[[web.Request], None]] = web.AppKey("require_a
 # The webhook emitter (agent/webhooks) and its change feed (GraphQL subscriptions read it).
 WEBHOOKS: web.AppKey[Emitter] = web.AppKey("webhooks")
 CHANGE_FEED: web.AppKey[ChangeFeed] = web.AppKey("change_feed")
-# The GraphQL gateway (graphql_gateway/app.py): its schema, pool to the proxy and statistics.
+# The GraphQL gateway (graphql_gateway/gateway.py): its schema, pool to the proxy and statistics.
 GRAPHQL: web.AppKey[Gateway] = web.AppKey("graphql")

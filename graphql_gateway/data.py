@@ -10,6 +10,11 @@ gateway's asyncpg pool, whose client sessions are connected to the proxy itself 
   rows by id with ``id = ANY($1)``;
 - ``statements``: how many statements this operation sent (for the metrics and the tests).
 
+Id lists are bound as ``text[]`` and cast to ``bigint[]`` by the server: asyncpg has no built-in
+codec for ``bigint[]`` and would introspect the catalog for it on every new session, with a
+session-level ``set_config('jit', ...)`` that makes the proxy pin the session to one server
+connection for good.
+
 SQL text is built only from the constants below (table and column names, fixed operators);
 every value the client chose (ids, ``first``, ``after``, filters) is a bound parameter.
 Pagination is keyset on ``id``: ``first`` rows with ``id > after``, in id order (or, where an
@@ -124,10 +129,10 @@ class RequestData:
     def by_id(self, table: str) -> DataLoader[int, Row | None]:
         loader = self._by_id.get(table)
         if loader is None:
-            sql = f"SELECT {_columns(table)} FROM {table} WHERE id = ANY($1::bigint[])"
+            sql = f"SELECT {_columns(table)} FROM {table} WHERE id = ANY($1::text[]::bigint[])"
 
             async def load(ids: list[int]) -> list[Row | None]:
-                rows = {r["id"]: _row(table, r) for r in await self.fetch(sql, ids)}
+                rows = {r["id"]: _row(table, r) for r in await self.fetch(sql, [str(i) for i in ids])}
                 return [rows.get(i) for i in ids]
 
             loader = self._by_id[table] = DataLoader(load)
@@ -155,7 +160,7 @@ class RequestData:
         loader = self._children.get(key)
         if loader is None:
             terms, args = _conditions(filters, page, 2)
-            where = " AND ".join([f"{fk} = ANY($1::bigint[])", *terms])
+            where = " AND ".join([f"{fk} = ANY($1::text[]::bigint[])", *terms])
             rank = len(args) + 2
             sql = (f"SELECT {_columns(table)} FROM (SELECT {_columns(table)}, row_number() OVER "
                    f"(PARTITION BY {fk} ORDER BY {ORDERS[page.order][0]}) AS page_rank FROM {table} "
@@ -164,7 +169,7 @@ class RequestData:
 
             async def load(parent_ids: list[int]) -> list[list[Row]]:
                 grouped: dict[int, list[Row]] = {i: [] for i in parent_ids}
-                for r in await self.fetch(sql, parent_ids, *fixed):
+                for r in await self.fetch(sql, [str(i) for i in parent_ids], *fixed):
                     grouped[r[fk]].append(_row(table, r))
                 return [grouped[i] for i in parent_ids]
 

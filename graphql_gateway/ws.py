@@ -15,13 +15,12 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from graphql import ExecutionResult, GraphQLError, OperationType, subscribe
 
-if TYPE_CHECKING:
-    from .app import Gateway
+from .gateway import Gateway, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +102,9 @@ class Session:
         try:
             prepared = gateway.prepare(payload["query"], payload.get("variables"), payload.get("operationName"),
                                        ALLOWED)
-            if isinstance(prepared, list):
-                gateway.stats.operation_finished(payload.get("operationName"), "rejected",
-                                                 time.perf_counter() - started, None)
-                await self.send({"type": "error", "id": op_id, "payload": [e.formatted for e in prepared]})
+            if isinstance(prepared, Rejected):
+                gateway.stats.operation_finished(prepared.name, "rejected", time.perf_counter() - started, None)
+                await self.send({"type": "error", "id": op_id, "payload": [e.formatted for e in prepared.errors]})
                 return
             if prepared.operation.operation != OperationType.SUBSCRIPTION:
                 outcome = await gateway.execute(prepared, started)

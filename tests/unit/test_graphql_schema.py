@@ -1,0 +1,90 @@
+"""The GraphQL gateway without a database: the printed schema against the checked-in one, the
+descriptions, the limits rule's arithmetic and the metrics' bounded labels."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from graphql import GraphQLObjectType, parse, validate
+
+from config.settings import GraphQLSettings
+from graphql_gateway.limits import limits_rule
+from graphql_gateway.metrics import MAX_OPERATION_NAMES, GatewayStats
+from graphql_gateway.schema import SCHEMA_FILE, build_schema, printed
+
+
+def test_printed_schema_is_the_checked_in_schema_graphql() -> None:
+    assert printed() == SCHEMA_FILE.read_text(), (
+        "graphql_gateway/schema.graphql is stale: python -m graphql_gateway.schema > graphql_gateway/schema.graphql")
+
+
+def test_every_type_field_and_argument_has_a_description() -> None:
+    schema = build_schema()
+    missing = []
+    for name, type_ in schema.type_map.items():
+        if name.startswith("__") or name in ("String", "Int", "Float", "Boolean", "ID"):
+            continue
+        if not type_.description:
+            missing.append(name)
+        if isinstance(type_, GraphQLObjectType):
+            for field_name, field in type_.fields.items():
+                if not field.description:
+                    missing.append(f"{name}.{field_name}")
+                missing += [f"{name}.{field_name}({a})" for a, arg in field.args.items() if not arg.description]
+    assert not missing
+
+
+def test_the_seed_queries_exist_with_the_seed_argument_names() -> None:
+    fields = build_schema().query_type.fields  # type: ignore[union-attr]
+    assert {"user", "users", "resume", "resumes", "job", "jobs", "matches", "predictions"} <= fields.keys()
+    assert "id" in fields["user"].args and "resume_id" in fields["matches"].args
+    assert str(fields["users"].type) == "[User!]!"
+    assert {"matchCreated", "rowChanged"} == build_schema().subscription_type.fields.keys()  # type: ignore[union-attr]
+
+
+def _errors(query: str, variables: dict[str, Any] | None = None, **settings: Any) -> list[str]:
+    rule = limits_rule(GraphQLSettings(**settings), variables)
+    return [e.message for e in validate(build_schema(), parse(query), [rule])]
+
+
+NESTED = "{ resumes(first: 100) { matches(first: 20) { job { id } } } }"  # 100 + 100*20 + 100*20 = 4100 rows
+
+
+def test_cost_is_rows_from_page_sizes_multiplied_down_the_tree() -> None:
+    assert _errors(NESTED, max_cost=4100) == []
+    assert _errors(NESTED, max_cost=4099) == [
+        "query cost 4100 (estimated rows) exceeds the maximum cost (graphql.max_cost=4099)"]
+    # the default page size applies where `first` is absent; variables and fragments count the same
+    assert _errors("{ resumes { matches { id } } }", max_cost=1, default_page_size=3) == [
+        "query cost 12 (estimated rows) exceeds the maximum cost (graphql.max_cost=1)"]
+    assert _errors("query($n: Int = 7) { ...R } fragment R on Query { resumes(first: $n) { id } }",
+                   {"n": 9}, max_cost=8) == ["query cost 9 (estimated rows) exceeds the maximum cost (graphql.max_cost=8)"]
+
+
+def test_depth_counts_nested_fields_and_ignores_introspection() -> None:
+    assert _errors("{ resume(id: 1) { user { resumes { id } } } }", max_depth=4) == []
+    assert _errors("{ resume(id: 1) { user { resumes { id } } } }", max_depth=3) == [
+        "query depth 4 exceeds the maximum depth (graphql.max_depth=3)"]
+    assert _errors("{ __schema { types { fields { type { ofType { ofType { name } } } } } } }", max_depth=1) == []
+
+
+@pytest.mark.parametrize("first", [-1, 501])
+def test_page_size_outside_the_range_is_an_error(first: int) -> None:
+    assert _errors(f"{{ users(first: {first}) {{ id }} }}") == [
+        f"first={first} on users is outside 0..500 (graphql.max_page_size=500)"]
+
+
+def test_mutations_are_refused_as_read_only() -> None:
+    assert _errors("mutation { x }") == ["mutations are not supported: the GraphQL gateway is read-only"]
+
+
+def test_operation_labels_are_bounded() -> None:
+    stats = GatewayStats()
+    for i in range(MAX_OPERATION_NAMES + 10):
+        stats.operation_finished(f"Op{i}", "ok", 0.01, 2)
+    stats.operation_finished(None, "ok", 0.01, 1)
+    stats.operation_finished("x" * 500, "rejected", 0.01, None)
+    labels = {operation for operation, _ in stats.operations}
+    assert len(labels) == MAX_OPERATION_NAMES + 2  # the first names, "other" and "anonymous"
+    assert stats.operations[("other", "ok")] == 10 and stats.operations[("other", "rejected")] == 1
+    assert stats.operations[("anonymous", "ok")] == 1
