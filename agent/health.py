@@ -9,11 +9,15 @@ monitoring system's own state.
   each with its own ``status``: ``proxy`` (accepting, clients), ``upstream`` (reachable,
   round_trip_ms, server_version, in_recovery), ``pools`` (size, active, idle, overflow, waiting
   per pool), ``cache`` (mode, entries, bytes, hit ratio, each database's LISTEN connection; "off"
-  when ``cache.mode: off``), ``webhooks`` and ``webhook_listen`` ("not_configured": pgsidecar has
-  no webhooks yet, and no figures are made up for them), ``process`` (RSS, CPU %, open fds,
+  when ``cache.mode: off``), ``webhooks`` (backlog: pending deliveries and the oldest one's age,
+  attempts by result, endpoints being delivered to; "not_installed" while the webhook tables do
+  not exist, "off" with ``webhooks.enabled: false``; degraded when the oldest pending event is
+  older than ``WEBHOOK_BACKLOG_DEGRADED_S``), ``webhook_listen`` (the emitter's LISTEN
+  connection: listening, connects, notifications, last error), ``process`` (RSS, CPU %, open fds,
   threads, event-loop lag), ``platform`` (Amvera, Kubernetes, Docker or bare host, with what
   identifies it). 200 when ok or degraded, 503 when down. Down: the upstream is unreachable or
-  the proxy is not accepting. Degraded: a pool has clients waiting, or a LISTEN connection is down.
+  the proxy is not accepting. Degraded: a pool has clients waiting, a LISTEN connection is down,
+  or the webhook backlog is old.
 - ``GET /api/monitoring/status``: series the agent's registry exposes, the last scrape of
   ``/metrics`` (time and address), the alert rules shipped in ``config/alert_rules.yml``, and the
   seed's targets (p95 < 1 s, error rate < 1 %, cache hit ratio > 70 %, memory < 500 MB, active
@@ -68,7 +72,8 @@ TARGET_CACHE_HIT_RATIO = 0.70
 TARGET_MEMORY_MB = 500.0
 TARGET_ACTIVE_CONNECTIONS = 20
 
-_NOT_CONFIGURED = "not_configured"
+# Oldest undelivered webhook event older than this: the webhooks section says degraded.
+WEBHOOK_BACKLOG_DEGRADED_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,9 +338,31 @@ class Health:
         doc["event_loop_lag_samples"] = lag.count if lag is not None else 0
         return doc
 
-    @staticmethod
-    def _not_configured(what: str) -> dict[str, Any]:
-        return {"status": _NOT_CONFIGURED, "message": f"{what} not implemented in pgsidecar yet: nothing to report"}
+    def _webhook_sections(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        emitter = self.app[keys.WEBHOOKS]
+        snap = emitter.snapshot()
+        listen_status = "ok" if snap.listening else "starting" if snap.state == "starting" else "degraded"
+        listen = {"status": listen_status, "listening": snap.listening,
+                  "database": emitter.database, "connects": snap.connects, "notifications": snap.notifications,
+                  "last_error": snap.last_error}
+        doc: dict[str, Any] = {
+            "emitter_id": snap.emitter_id, "state": snap.state, "delivering": snap.delivering,
+            "pending": snap.pending, "oldest_pending_age_s": snap.oldest_pending_age_s,
+            "attempts": snap.deliveries, "endpoints_delivering": snap.endpoints_delivering,
+        }
+        if not snap.delivering:
+            doc.update(status="off", message="webhook delivery is off (webhooks.enabled: false)")
+        elif snap.state == "waiting_for_tables":
+            doc.update(status="not_installed", message=f"the webhook tables do not exist in database "
+                       f"{emitter.database!r}: run `pgsidecar migrate` or `pgsidecar webhooks install`")
+        elif snap.state != "running":
+            doc.update(status="degraded", message=f"the emitter is {snap.state}")
+        elif (snap.oldest_pending_age_s or 0.0) > WEBHOOK_BACKLOG_DEGRADED_S:
+            doc.update(status="degraded", message=f"the oldest undelivered event is {snap.oldest_pending_age_s:.0f} s "
+                       f"old (more than {WEBHOOK_BACKLOG_DEGRADED_S:.0f} s)")
+        else:
+            doc["status"] = "ok"
+        return doc, listen
 
     # ------------------------------------------------------------------ handlers
     async def readyz(self, request: web.Request) -> web.Response:
@@ -351,13 +378,14 @@ class Health:
 
     async def detailed(self, request: web.Request) -> web.Response:
         up = await self.probe.check()
+        webhooks, webhook_listen = self._webhook_sections()
         components = {
             "proxy": self._proxy_section(),
             "upstream": self._upstream_section(up),
             "pools": self._pools_section(),
             "cache": self._cache_section(),
-            "webhooks": self._not_configured("webhook delivery is"),
-            "webhook_listen": self._not_configured("the LISTEN connection for webhooks is"),
+            "webhooks": webhooks,
+            "webhook_listen": webhook_listen,
             "process": self._process_section(),
             "platform": {"status": "ok", **self.platform},
         }

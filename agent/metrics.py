@@ -54,6 +54,10 @@ The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
 - event loop: ``pgsidecar_event_loop_lag_seconds`` (last), and the histogram
   ``pgsidecar_event_loop_lag_distribution_seconds`` (not ``..._histogram_seconds``: promtool
   rejects a type in a metric name)
+- webhooks (registered by ``agent/webhooks/routes.py``, listed in ``agent/webhooks/metrics.py``):
+  ``pgsidecar_webhook_up``, ``pgsidecar_webhook_attempts_total{result}``,
+  ``pgsidecar_webhook_deliveries_total{result}``, ``pgsidecar_webhook_delivery_duration_seconds``,
+  ``pgsidecar_webhook_pending_deliveries``, ``pgsidecar_webhook_oldest_pending_age_seconds``, ...
 - agent HTTP: ``pgsidecar_http_requests_total{method,endpoint,status}``,
   ``pgsidecar_http_request_duration_seconds{method,endpoint}``
 

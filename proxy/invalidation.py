@@ -113,14 +113,25 @@ _VIEWS_SQL = """
 SELECT DISTINCT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
+# The webhook emitter's change triggers (agent/webhooks/sql.py) are AFTER triggers whose writes
+# are known: the outbox tables below. They are edges like a foreign key's, not an unknown trigger
+# (which would make every write to a watched table flush the whole cache).
+WEBHOOK_TRIGGERS = ("pgsidecar_webhook_capture", "pgsidecar_webhook_truncate")
+WEBHOOK_WRITES = ("webhook_events", "webhook_deliveries")
 _AFTER_TRIGGERS_SQL = f"""
 SELECT DISTINCT c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
-WHERE NOT t.tgisinternal AND t.tgname <> '{TRIGGER}' AND (t.tgtype::int & 2) = 0
+WHERE NOT t.tgisinternal AND t.tgname NOT IN ('{TRIGGER}', '{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}')
+  AND (t.tgtype::int & 2) = 0
 """
-_CASCADES_SQL = """
+_CASCADES_SQL = f"""
 SELECT DISTINCT p.relname AS parent, ch.relname AS child
 FROM pg_constraint AS k JOIN pg_class AS p ON p.oid = k.confrelid JOIN pg_class AS ch ON ch.oid = k.conrelid
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+UNION
+SELECT DISTINCT c.relname, w.name
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid,
+     (VALUES ('{WEBHOOK_WRITES[0]}'), ('{WEBHOOK_WRITES[1]}')) AS w (name)
+WHERE t.tgname IN ('{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}')
 """
 
 # Functions an application defined (not PostgreSQL's, not an extension's) that may write.

@@ -25,6 +25,7 @@ from aiohttp import web
 from .. import keys
 from .delivery import InvalidWebhook, networks
 from .emitter import Emitter
+from .metrics import WebhookCollector
 from .service import WebhookService
 
 REGISTER_FIELDS = frozenset({"url", "events", "secret", "description", "ordered"})
@@ -155,12 +156,14 @@ async def _emitter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup_webhooks(app: web.Application) -> None:
-    """The emitter (started with the app, stopped with it) and /api/webhooks*."""
+    """The emitter (started with the app, stopped with it), its metrics and /api/webhooks*
+    (after ``setup_metrics`` and ``setup_api``: it uses their registry and admin check)."""
     settings = app[keys.SETTINGS]
     proxy = app[keys.PROXY]
     emitter = Emitter(settings.webhooks, proxy.upstream, settings.upstream.connect_timeout)
     app[keys.WEBHOOKS] = emitter
     app[keys.CHANGE_FEED] = emitter.feed
+    app[keys.REGISTRY].register(WebhookCollector(emitter))
     app.cleanup_ctx.append(_emitter_ctx)
     api = WebhookApi(app)
     app.router.add_post("/api/webhooks/register", api.register)

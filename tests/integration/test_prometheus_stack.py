@@ -36,9 +36,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
+from agent import keys
+from migrations import runner
 from proxy.invalidation import FUNCTION_SQL, trigger_sql
 from tests.helpers.agent_http import RunningAgent
 from tests.helpers.proxy_thread import RunningProxy
+from tests.helpers.receiver import Receiver
 from tests.helpers.wire import wait_for
 from tests.helpers.tools import tool
 
@@ -191,7 +194,8 @@ def test_every_rule_has_severity_summary_and_description() -> None:
     seed = {"HighErrorRate", "HighResponseTime", "LowCacheHitRatio", "DatabaseConnectionPoolExhausted",
             "HighMemoryUsage"}
     operator = {"PoolClientsWaiting", "PoolCheckoutTimeouts", "SlowQueryRate", "UpstreamConnectFailures",
-                "CacheListenDown", "SidecarDown", "SidecarMetricsAbsent"}
+                "CacheListenDown", "SidecarDown", "SidecarMetricsAbsent",
+                "WebhookBacklogGrowing", "WebhookDeliveriesDead", "WebhookEmitterDown"}
     assert set(alerts) == seed | operator
     assert len(alerts) == len(_rules())  # no recording rules, no duplicate names
     for name, rule in alerts.items():
@@ -205,9 +209,9 @@ def test_every_rule_has_severity_summary_and_description() -> None:
     assert "< 0.7" in alerts["LowCacheHitRatio"]["expr"] and alerts["LowCacheHitRatio"]["for"] == "10m"
     assert "> 18" in alerts["DatabaseConnectionPoolExhausted"]["expr"]
     assert "> 500 * 1024 * 1024" in alerts["HighMemoryUsage"]["expr"] and alerts["HighMemoryUsage"]["for"] == "5m"
-    # The webhook backlog alert waits for its metric (issue 5): a placeholder, not an invented name.
-    text = ALERT_RULES.read_text()
-    assert "WebhookBacklogGrowing" in text and "webhook" not in " ".join(r["expr"] for r in _rules())
+    backlog = alerts["WebhookBacklogGrowing"]["expr"]
+    assert "pgsidecar_webhook_oldest_pending_age_seconds > 600" in backlog
+    assert "delta(pgsidecar_webhook_pending_deliveries[15m]) > 0" in backlog
 
 
 def test_amtool_accepts_the_alertmanager_config() -> None:
@@ -297,6 +301,7 @@ class Workload:
         conn.execute(f"select v from {t} where id = 2").fetchall()
         if self.rounds % 5 == 0:
             conn.execute(f"update {t} set v = 'two' where id = 2")
+            conn.execute("select pgsidecar_emit('prom_stack.tick', '{}')")  # a webhook delivery
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("select 1/0")
         conn.execute("select pg_sleep(0.003)")
@@ -328,32 +333,52 @@ def _connect(proxy: RunningProxy) -> psycopg.Connection[Any]:
 
 
 @pytest.fixture
-def table(direct: Callable[..., Any]) -> Iterator[str]:
+def migrated(fresh_db: Any) -> tuple[str, Callable[[], Any]]:
+    """A fresh database with pgsidecar's migrations (recruiter schema, webhook tables)."""
+    dsn, connect = fresh_db
+    runner.upgrade(runner.alembic_config(dsn))
+    return dsn, connect
+
+
+@pytest.fixture
+def table(migrated: tuple[str, Callable[[], Any]]) -> str:
     """A table carrying the cache's invalidation trigger (created before the proxy reads the catalog)."""
     name = f"prom_stack_{uuid.uuid4().hex[:8]}"
-    d = direct()
+    d = migrated[1]()
     d.execute(f"create table {name} (id int primary key, v text)")
     d.execute(f"insert into {name} values (1, 'one'), (2, 'two')")
     d.execute(FUNCTION_SQL)
     d.execute(trigger_sql("public", name))
-    yield name
-    direct().execute(f"drop table if exists {name}")
+    return name
 
 
 @pytest.fixture
-def agent(proxy_factory: Callable[..., RunningProxy], table: str) -> Iterator[RunningAgent]:
+def agent(proxy_factory: Callable[..., RunningProxy], migrated: tuple[str, Callable[[], Any]], table: str,
+          receiver: Receiver) -> Iterator[RunningAgent]:
     """An agent in front of a proxy with the result cache on for every SELECT, its LISTEN
-    connection up, and a slow-query threshold a pg_sleep(0.003) crosses."""
-    proxy = proxy_factory(cache__mode="all", slow_query__threshold_ms=1.0, pool__size=3,
-                          pool__max_overflow=2, pool__checkout_timeout=10.0)
+    connection up, a slow-query threshold a pg_sleep(0.003) crosses, and a webhook endpoint
+    (a real receiver) for the workload's events."""
+    proxy = proxy_factory(migrated[0], cache__mode="all", slow_query__threshold_ms=1.0, pool__size=3,
+                          pool__max_overflow=2, pool__checkout_timeout=10.0, webhooks__sweep_interval_s=1.0)
     front = proxy.server.cache_front
     assert front is not None
     monitor = proxy.run(lambda: front.monitor_for(proxy.database,
                                                   proxy.server.pool_for(proxy.database, proxy.user).endpoint))
     assert proxy.call(monitor.wait_ready(10))
     running = RunningAgent(proxy)
+    assert proxy.call(running.runner.app[keys.WEBHOOKS].wait_ready(20))
+    status, doc = running.json("POST", "/api/webhooks/register",
+                               body=json.dumps({"url": receiver.url, "events": ["prom_stack.*"]}).encode())
+    assert status == 201, doc
     yield running
     running.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver()
+    yield rec
+    rec.close()
 
 
 def _catalogue(agent: RunningAgent) -> set[str]:
@@ -461,6 +486,8 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_every_rule_and_panel(ag
                 f'sum(rate(pgsidecar_queries_total{{job="{JOB}"}}[1m])) > 0')))
             wait_for("a positive cache lookup rate", lambda: _finite(prometheus.query(
                 'sum(rate(pgsidecar_cache_requests_total{result=~"hit|miss"}[1m])) > 0')))
+            wait_for("a positive webhook delivery rate", lambda: _finite(prometheus.query(
+                'sum(rate(pgsidecar_webhook_attempts_total{result="delivered"}[1m])) > 0')))
 
             # Every rule's expression parses and runs; each value-producing part returns data.
             empty = []

@@ -166,24 +166,16 @@ def test_variables(dashboard: dict[str, Any]) -> None:
     assert used - {"__rate_interval", "__interval", "__range"} <= set(variables), used
 
 
-def test_every_panel_has_a_query_or_is_the_text_panel(dashboard: dict[str, Any]) -> None:
-    text_panels = []
+def test_every_panel_has_a_query(dashboard: dict[str, Any]) -> None:
     for panel in _panels(dashboard):
         if panel["type"] == "row":
             continue
-        if panel["type"] == "text":
-            text_panels.append(panel)
-            assert not panel.get("targets")
-            continue
+        assert panel["type"] != "text", f"{panel['title']}: a placeholder, not a panel"
         assert panel.get("targets"), panel["title"]
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         for target in panel["targets"]:
             assert target["expr"].strip() and target["refId"], panel["title"]
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
-    (webhooks,) = text_panels
-    assert "webhook" in webhooks["title"].lower()
-    assert "not available yet" in webhooks["title"].lower()
-    assert "not available yet" in webhooks["options"]["content"].lower()
 
 
 def test_the_issues_panels_are_there(dashboard: dict[str, Any]) -> None:
@@ -191,11 +183,12 @@ def test_the_issues_panels_are_there(dashboard: dict[str, Any]) -> None:
     titles = " | ".join(p["title"].lower() for p in _panels(dashboard))
     for title in ("request rate", "error rate", "p95", "query count by kind", "cache hit ratio",
                   "active connections", "pool waiting clients", "checkout wait", "slow queries",
-                  "event-loop lag", "memory", "webhook deliveries"):
+                  "event-loop lag", "memory", "webhook attempts", "webhook backlog", "webhook delivery latency"):
         assert title in titles, title
     assert "histogram_quantile(0.95, sum by (le) (rate(pgsidecar_query_duration_seconds_bucket" in exprs
     assert "pgsidecar_pool_checkout_wait_seconds_bucket" in exprs
     assert "process_resident_memory_bytes" in exprs
+    assert "pgsidecar_webhook_oldest_pending_age_seconds" in exprs
 
 
 def test_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:

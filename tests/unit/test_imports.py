@@ -62,3 +62,14 @@ def test_proxy_layers_only_import_downwards() -> None:
                 continue
             assert rank >= 0 and target in PROXY_ORDER, f"unexpected module proxy/{target} in {name}"
             assert PROXY_ORDER.index(target) < rank, f"proxy/{name}.py imports proxy/{target}.py (upwards)"
+
+
+def test_the_cache_knows_the_webhook_triggers_by_their_names() -> None:
+    """proxy may not import agent: the cache's copy of the webhook triggers' names and tables
+    must match the emitter's (else every write to a watched table would flush the cache)."""
+    from agent.webhooks import sql
+    from proxy import invalidation
+
+    assert invalidation.WEBHOOK_TRIGGERS == (sql.ROW_TRIGGER, sql.TRUNCATE_TRIGGER)
+    assert set(invalidation.WEBHOOK_WRITES) == {"webhook_events", "webhook_deliveries"}
+    assert set(invalidation.WEBHOOK_WRITES) <= set(sql.TABLES)
