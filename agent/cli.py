@@ -44,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     for p in (install, remove):
         common(p)
         p.add_argument("--database", help="database to work in (default: the upstream DSN's)")
+    hooks = sub.add_parser("webhooks", help="webhook emitter administration")
+    hooks_sub = hooks.add_subparsers(dest="webhooks_command", required=True)
+    hooks_install = hooks_sub.add_parser(
+        "install", help="create the webhook tables and functions (what `migrate` does, for a database of your own)")
+    watch = hooks_sub.add_parser("watch", help="emit <table>.insert|update|delete|truncate events for these tables")
+    unwatch = hooks_sub.add_parser("unwatch", help="stop emitting events for these tables")
+    for p in (watch, unwatch):
+        p.add_argument("tables", nargs="+", metavar="TABLE", help="table names, optionally schema-qualified")
+    hooks_list = hooks_sub.add_parser("list", help="print the watched tables and the registered endpoints")
+    for p in (hooks_install, watch, unwatch, hooks_list):
+        common(p)
+        p.add_argument("--database", help="database to work in (default: webhooks.database, else the upstream DSN's)")
     migrate = sub.add_parser("migrate", help="apply the database migrations (default: upgrade to head)")
     common(migrate)
     where = migrate.add_mutually_exclusive_group()
@@ -82,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "cache":
         return asyncio.run(_cache_command(settings, args))
+    if args.command == "webhooks":
+        return asyncio.run(_webhooks_command(settings, args))
     if args.command == "migrate":
         return _migrate_command(settings, args)
     if args.command == "seed-demo":
@@ -159,18 +173,9 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
 
     from proxy.invalidation import install_event_triggers, install_triggers, remove_triggers
 
-    if not settings.upstream.dsn:
-        print("pgsidecar: cache: no upstream: set DATABASE_URL, --upstream or upstream.dsn", file=sys.stderr)
-        return 2
-    up = parse_dsn(settings.upstream.dsn)
-    database = args.database or up.database or up.user or "postgres"
-    try:
-        conn = await asyncpg.connect(
-            host=up.host, port=up.port, user=up.user, password=up.password,
-            database=database, timeout=settings.upstream.connect_timeout, ssl=False)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        print(f"pgsidecar: cache: cannot connect to {up.host}:{up.port}/{database}: {exc}", file=sys.stderr)
-        return 1
+    conn, database = await _connect_upstream(settings, args.database, "cache")
+    if conn is None:
+        return 2 if database is None else 1
     try:
         events = None
         if args.cache_command == "install-triggers":
@@ -193,6 +198,69 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
         print("pgsidecar: note: not a superuser, so no DDL event triggers: DDL run straight on the server "
               "(not through the proxy) is seen only when the cached entries expire (cache.ttl_s)")
     return 0
+
+
+async def _connect_upstream(settings: Settings, database: str | None, what: str) -> tuple[Any, str | None]:
+    """(asyncpg connection, database) for an admin command; (None, None) without an upstream,
+    (None, database) when it cannot connect (both already told the user)."""
+    import asyncpg
+
+    if not settings.upstream.dsn:
+        print(f"pgsidecar: {what}: no upstream: set DATABASE_URL, --upstream or upstream.dsn", file=sys.stderr)
+        return None, None
+    up = parse_dsn(settings.upstream.dsn)
+    database = database or up.database or up.user or "postgres"
+    try:
+        conn = await asyncpg.connect(
+            host=up.host, port=up.port, user=up.user, password=up.password,
+            database=database, timeout=settings.upstream.connect_timeout, ssl=False)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        print(f"pgsidecar: {what}: cannot connect to {up.host}:{up.port}/{database}: {exc}", file=sys.stderr)
+        return None, database
+    return conn, database
+
+
+async def _webhooks_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``pgsidecar webhooks install | watch TABLE... | unwatch TABLE... | list`` on the upstream."""
+    import asyncpg
+
+    from .webhooks.sql import SCHEMA_SQL, TABLES, TABLES_PRESENT_SQL, WATCHED_SQL, unwatch_sql, watch_sql
+
+    conn, database = await _connect_upstream(settings, args.database or settings.webhooks.database, "webhooks")
+    if conn is None:
+        return 2 if database is None else 1
+    command = args.webhooks_command
+    try:
+        if command == "install":
+            await conn.execute(SCHEMA_SQL)
+            print(f"pgsidecar: webhook tables and functions installed in {database}")
+            return 0
+        if not await conn.fetchval(TABLES_PRESENT_SQL, list(TABLES)):
+            print(f"pgsidecar: webhooks: the webhook tables do not exist in {database}: run `pgsidecar migrate` "
+                  "or `pgsidecar webhooks install` first", file=sys.stderr)
+            return 1
+        if command in ("watch", "unwatch"):
+            make = watch_sql if command == "watch" else unwatch_sql
+            async with conn.transaction():
+                for table in args.tables:
+                    await conn.execute(make(table))
+            verb = "now emit" if command == "watch" else "no longer emit"
+            print(f"pgsidecar: {', '.join(args.tables)} {verb} webhook events in {database}")
+            return 0
+        watched = [r["name"] for r in await conn.fetch(WATCHED_SQL)]
+        endpoints = await conn.fetch("SELECT id, url, events, active FROM public.webhook_endpoints ORDER BY id")
+        print(f"watched tables in {database}: {', '.join(watched) or 'none'}")
+        for e in endpoints:
+            state = "active" if e["active"] else "disabled"
+            print(f"endpoint {e['id']}: {e['url']} events={','.join(e['events'])} {state}")
+        if not endpoints:
+            print("no endpoints registered (POST /api/webhooks/register)")
+        return 0
+    except (ValueError, asyncpg.PostgresError) as exc:
+        print(f"pgsidecar: webhooks: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
 
 
 def _migrate_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -190,3 +190,42 @@ def test_cache_command_without_upstream_names_what_is_missing() -> None:
     done = subprocess.run([sys.executable, "-m", "agent", "cache", "install-triggers"], env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "DATABASE_URL" in done.stderr
+
+
+def _webhooks_cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "webhooks", *args, "--upstream", dsn], env=_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_webhooks_install_watch_list_unwatch_on_a_database_of_ones_own(fresh_db: Any) -> None:
+    dsn, connect = fresh_db
+    conn = connect()
+    conn.execute("CREATE SCHEMA shop")
+    conn.execute("CREATE TABLE shop.orders (id int PRIMARY KEY, total numeric)")
+
+    missing = _webhooks_cli("watch", "shop.orders", dsn=dsn)
+    assert missing.returncode == 1 and "pgsidecar migrate" in missing.stderr  # says what to do first
+
+    done = _webhooks_cli("install", dsn=dsn)
+    assert done.returncode == 0, done.stderr
+    done = _webhooks_cli("watch", "shop.orders", dsn=dsn)
+    assert done.returncode == 0 and "shop.orders now emit" in done.stdout, done.stderr
+    listed = _webhooks_cli("list", dsn=dsn)
+    assert "watched tables" in listed.stdout and "shop.orders" in listed.stdout
+    assert "no endpoints registered" in listed.stdout
+
+    # A committed change writes its event (with the row) in the same transaction; a rolled-back one nothing.
+    with conn.transaction(force_rollback=True):
+        conn.execute("INSERT INTO shop.orders VALUES (1, 9.5)")
+    conn.execute("INSERT INTO shop.orders VALUES (2, 12)")
+    conn.execute("TRUNCATE shop.orders")
+    events = conn.execute("SELECT event_type, payload->'new'->>'id' FROM webhook_events ORDER BY id").fetchall()
+    assert events == [("orders.insert", "2"), ("orders.truncate", None)]
+
+    unknown = _webhooks_cli("watch", "shop.nope", dsn=dsn)
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr
+    done = _webhooks_cli("unwatch", "shop.orders", dsn=dsn)
+    assert done.returncode == 0, done.stderr
+    conn.execute("INSERT INTO shop.orders VALUES (3, 1)")
+    assert conn.execute("SELECT count(*) FROM webhook_events").fetchone() == (2,)
+    assert "none" in _webhooks_cli("list", dsn=dsn).stdout
