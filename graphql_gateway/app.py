@@ -95,6 +95,7 @@ PLAYGROUND = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <title>pgsidecar GraphQL</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{static}/graphiql.min.css">
 <style>body {{ margin: 0; height: 100vh; }} #graphiql {{ height: 100vh; }}</style>
 <script src="{static}/react.production.min.js"></script>
