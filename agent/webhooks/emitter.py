@@ -27,7 +27,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,6 +394,18 @@ class Emitter:
     async def _work(self, endpoint: _Endpoint) -> None:
         loop = asyncio.get_running_loop()
         renewed = loop.time()
+
+        async def keep_lease() -> bool:
+            """Renew the lease once a third of it has passed (also between the POSTs of one batch,
+            which can outlast the lease); False when it is no longer ours."""
+            nonlocal renewed
+            if loop.time() - renewed <= self.settings.lease_s / 3:
+                return True
+            if not await self._renew(endpoint):
+                return False
+            renewed = loop.time()
+            return True
+
         try:
             while True:
                 rows = await self._pool.fetch(_QUEUE_SQL, endpoint.id, self.settings.batch_size, endpoint.ordered,
@@ -402,11 +414,7 @@ class Emitter:
                     rows = _due_prefix(rows)
                 if not rows:
                     return
-                if loop.time() - renewed > self.settings.lease_s / 3:
-                    if not await self._renew(endpoint):
-                        return
-                    renewed = loop.time()
-                results, stop = await self._deliver(endpoint, rows)
+                results, stop = await self._deliver(endpoint, rows, keep_lease)
                 await self._record(endpoint, results)
                 if stop:
                     return
@@ -420,11 +428,15 @@ class Emitter:
             await self._release(endpoint)
             self._wake.set()
 
-    async def _deliver(self, endpoint: _Endpoint, rows: list[Any]) -> tuple[list[tuple[Any, Outcome]], bool]:
-        """Send ``rows``; returns (row, outcome) pairs and whether this endpoint should stop now."""
+    async def _deliver(self, endpoint: _Endpoint, rows: list[Any],
+                       keep_lease: Callable[[], Awaitable[bool]]) -> tuple[list[tuple[Any, Outcome]], bool]:
+        """Send ``rows`` while the lease is ours; returns (row, outcome) pairs and whether this
+        endpoint should stop now."""
         results: list[tuple[Any, Outcome]] = []
         if endpoint.ordered:
             for row in rows:
+                if not await keep_lease():
+                    return results, True
                 outcome = await self._post(endpoint, row)
                 results.append((row, outcome))
                 if not outcome.ok:
@@ -432,12 +444,14 @@ class Emitter:
             return results, False
         gate = asyncio.Semaphore(UNORDERED_PARALLEL)
 
-        async def one(row: Any) -> tuple[Any, Outcome]:
+        async def one(row: Any) -> tuple[Any, Outcome] | None:
             async with gate:
+                if not await keep_lease():
+                    return None
                 return row, await self._post(endpoint, row)
 
-        results = list(await asyncio.gather(*(one(row) for row in rows)))
-        return results, any(outcome.gone for _, outcome in results)
+        results = [done for done in await asyncio.gather(*(one(row) for row in rows)) if done is not None]
+        return results, len(results) < len(rows) or any(outcome.gone for _, outcome in results)
 
     async def _post(self, endpoint: _Endpoint, row: Any) -> Outcome:
         payload = body(row["event_id"], row["event_type"], row["created_at"], row["payload"])
