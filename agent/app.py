@@ -12,6 +12,7 @@ from . import keys
 from .api import setup_api
 from .health import setup_health
 from .metrics import setup_metrics
+from .views import setup_views
 from .webhooks.routes import setup_webhooks
 
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings, proxy: ProxyServer) -> web.Application:
     setup_api(app)
     setup_health(app)
     setup_webhooks(app)
+    setup_views(app)
     if settings.graphql.enabled:
         setup_graphql(app)
     return app

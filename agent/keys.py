@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from graphql_gateway.gateway import Gateway
 
     from .metrics import LoopLagMonitor, ScrapeLog
+    from .views import ViewRefresher
     from .webhooks.emitter import Emitter
     from .webhooks.feed import ChangeFeed
 
@@ -31,3 +32,5 @@ WEBHOOKS: web.AppKey[Emitter] = web.AppKey("webhooks")
 CHANGE_FEED: web.AppKey[ChangeFeed] = web.AppKey("change_feed")
 # The GraphQL gateway (graphql_gateway/gateway.py): its schema, pool to the proxy and statistics.
 GRAPHQL: web.AppKey[Gateway] = web.AppKey("graphql")
+# The materialized view refresher (agent/views.py).
+VIEWS: web.AppKey[ViewRefresher] = web.AppKey("views")

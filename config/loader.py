@@ -162,6 +162,7 @@ _RULES: dict[str, _Rule] = {
     "graphql.query_timeout_s": _positive_number(),
     "graphql.max_sessions": _int_at_least(1),
     "views.refresh_interval_s": _number_at_least(0),
+    "views.refresh_timeout_s": _positive_number(),
 }
 
 

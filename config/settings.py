@@ -160,6 +160,8 @@ class ViewsSettings:
     # Seconds between REFRESH MATERIALIZED VIEW CONCURRENTLY of each view below; 0 = never.
     refresh_interval_s: float = 0.0
     names: tuple[str, ...] = ("resume_job_matches", "user_statistics")
+    # Longest a single refresh may run before it is cancelled.
+    refresh_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
