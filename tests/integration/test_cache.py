@@ -858,6 +858,39 @@ def test_a_write_to_a_table_with_an_after_trigger_flushes_at_commit(proxy_factor
         assert one(conn, sql) == 1
 
 
+def test_webhook_triggers_are_known_writes_not_a_reason_to_flush(proxy_factory: Any, fresh_db: Any) -> None:
+    """The webhook emitter's change triggers write only the outbox tables: a write to a watched
+    table invalidates its own entries and the outbox's, and leaves every other entry alone."""
+    from agent.webhooks.sql import SCHEMA_SQL, watch_sql
+
+    dsn, connect = fresh_db
+    d = connect()
+    d.execute(SCHEMA_SQL)
+    d.execute(FUNCTION_SQL)
+    for table in ("watched", "other"):
+        d.execute(f"create table {table} (id int primary key, v text)")
+        d.execute(f"insert into {table} values (1, 'a')")
+        d.execute(trigger_sql("public", table))
+    d.execute(watch_sql("watched"))
+    proxy = proxy_factory(dsn, cache__mode="all", cache__require_triggers=False)
+    with _ready_client(proxy, dbname=proxy.upstream.database) as conn:
+        reads = {"select count(*) from watched": 1, "select count(*) from other": 1,
+                 "select count(*) from webhook_events": 0}
+        for sql, expected in reads.items():
+            assert one(conn, sql) == expected
+        before = counters(proxy)
+        for sql, expected in reads.items():
+            assert one(conn, sql) == expected
+        assert _delta(before, counters(proxy)) == {"hits": 3}
+
+        conn.execute("insert into watched values (2, 'b')")  # fires the webhook trigger
+        before = counters(proxy)
+        assert one(conn, "select count(*) from other") == 1  # untouched: still a hit
+        assert one(conn, "select count(*) from watched") == 2
+        assert one(conn, "select count(*) from webhook_events") == 1  # the trigger's write is seen
+        assert _delta(before, counters(proxy)) == {"hits": 1, "misses": 2, "stores": 2}
+
+
 @pytest.fixture
 def event_triggers(server: Server) -> Iterator[None]:
     """pgsidecar's DDL event triggers in the test database (database-wide: removed after)."""
