@@ -152,7 +152,7 @@ def matches(event_type: str, patterns: Iterable[str]) -> bool:
     """The Python twin of pgsidecar_emit's LIKE match ('*' = any run of characters)."""
     for pattern in patterns:
         regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
-        if re.fullmatch(regex, event_type):
+        if re.fullmatch(regex, event_type, re.DOTALL):  # LIKE's % matches newlines too
             return True
     return False
 

@@ -202,6 +202,8 @@ def test_receiver_down_then_back_gets_every_event_in_order_once(stack: Callable[
     receiver.status = 500
     ids = [s.emit("orders.created", {"n": n}) for n in range(4)]
     wait_for("three 500 answers", lambda: len(receiver.all()) >= 3)
+    wait_for("the 500 recorded", lambda: s.rows(
+        "SELECT last_status, last_error FROM webhook_deliveries WHERE event_id = %s", ids[0]) == [(500, "HTTP 500")])
     receiver.stop_listening()
     ids += [s.emit("orders.paid", {"n": n}) for n in range(4, 7)]
     head_attempts = ("SELECT a.status_code, a.error FROM webhook_attempts AS a JOIN webhook_deliveries AS d "
@@ -245,7 +247,6 @@ def test_listen_connection_severed_events_keep_arriving(stack: Callable[..., Sta
     assert new_pid != old_pid
     later = s.emit("after.reconnect")  # and NOTIFY works on the new connection
     wait_for("an event after the reconnect", arrived(receiver, [later]))
-    assert s.snapshot().sweeps < 30  # no periodic sweep has run: it was the reconnect / NOTIFY
 
 
 def _assert_each_once(received: list[Received], expected: list[int], ordered: bool) -> None:
@@ -298,3 +299,342 @@ def test_two_emitters_with_a_short_lease_and_a_slow_receiver_do_not_both_deliver
     got = wait_for("100 events", arrived(receiver, ids))
     _assert_each_once(got, ids, ordered=True)
     assert len(receiver.all()) == 100
+
+
+# ----------------------------------------------------------------------------- a real sidecar process
+
+
+def _http(base: str, method: str, path: str, doc: Any = None) -> tuple[int, Any]:
+    """(status, JSON) of one request to an agent at ``base``; HTTP errors are answers."""
+    data = None if doc is None else json.dumps(doc).encode()
+    req = urllib.request.Request(base + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class SidecarProcess:
+    """``python -m agent run`` on free ports, its output in a file; ``kill()`` is SIGKILL."""
+
+    ENV = {"WEBHOOKS__LEASE_S": "1", "WEBHOOKS__BATCH_SIZE": "8", "WEBHOOKS__SWEEP_INTERVAL_S": "0.5",
+           "WEBHOOKS__BACKOFF_BASE_S": "0.05", "WEBHOOKS__BACKOFF_MAX_S": "0.3", "LOGGING__LEVEL": "info"}
+
+    def __init__(self, dsn: str, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("PGSIDECAR_")}
+        env.update({f"PGSIDECAR_{k}": v for k, v in self.ENV.items()}, PYTHONPATH=str(ROOT))
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--upstream", dsn, "--listen", f"127.0.0.1:{free_port()}",
+                 "--http", self.url.removeprefix("http://")], env=env, cwd=ROOT, stdout=out, stderr=out)
+
+    def ready(self) -> bool:
+        try:
+            return _http(self.url, "GET", "/api/webhooks")[0] == 200
+        except OSError:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            return False
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[SidecarProcess]]:
+    started: list[SidecarProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def test_sidecar_killed_mid_delivery_and_restarted_loses_nothing(
+        migrated: Any, receiver: Receiver, processes: list[SidecarProcess], tmp_path: Path) -> None:
+    dsn, connect = migrated
+    first = SidecarProcess(dsn, tmp_path / "sidecar.log")
+    processes.append(first)
+    wait_for("the sidecar's webhook API", first.ready)
+    status, endpoint = _http(first.url, "POST", "/api/webhooks/register", {"url": receiver.url, "events": ["job.*"]})
+    assert status == 201, endpoint
+    receiver.delay = 0.05
+    with connect() as direct:
+        ids = [row[0] for row in direct.execute(
+            "SELECT pgsidecar_emit('job.done', jsonb_build_object('n', g)) FROM generate_series(1, 40) AS g")]
+    wait_for("a few deliveries", lambda: len(receiver.accepted()) >= 10)
+    first.kill()
+    with connect() as direct:
+        states = dict(direct.execute("SELECT state, count(*) FROM webhook_deliveries GROUP BY state").fetchall())
+    # Killed mid-delivery: the first batch (8) was recorded before the 9th was sent; work was left.
+    assert states["delivered"] >= 8 and states["pending"] > 0, states
+    processes.append(SidecarProcess(dsn, tmp_path / "sidecar.log"))
+    got = wait_for("all 40 events after the restart", arrived(receiver, ids))
+    assert set(ids) <= {event_id(r) for r in got}
+    verifier = Webhook(endpoint["secret"])
+    ids_by_n: dict[int, set[str]] = {}
+    for r in receiver.all():  # duplicates are allowed, but always the same message, validly signed
+        doc = verifier.verify(r.body, r.headers)
+        assert doc["id"] == r.id and doc["type"] == "job.done"
+        ids_by_n.setdefault(doc["data"]["n"], set()).add(r.id)
+    assert sorted(ids_by_n) == list(range(1, 41)) and all(len(v) == 1 for v in ids_by_n.values())
+    with connect() as direct:
+        wait_for("every delivery recorded", lambda: direct.execute(
+            "SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'").fetchone() == (40,))
+        emitters = direct.execute("SELECT count(DISTINCT emitter) FROM webhook_attempts").fetchone()[0]
+    assert emitters == 2  # the killed one and its successor both recorded attempts
+
+
+# ----------------------------------------------------------------------------- the HTTP API
+
+TOKEN = "t0ken-for-admin"
+SHORT_SECRET = "whsec_" + "a2V5" * 7  # base64 of 21 bytes
+
+
+def _bad_registrations(good: str) -> list[tuple[Any, str]]:
+    """(body, what the 400's message must say) for POST /api/webhooks/register."""
+    ok = {"url": good, "events": ["users.*"]}
+    return [
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"url"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        ({"events": ["*"]}, "url and events are required"),
+        ({"url": good}, "url and events are required"),
+        ({**ok, "retries": 3}, "unknown field 'retries'"),
+        ({**ok, "url": 5}, "url must be a non-empty string"),
+        ({**ok, "url": ""}, "url must be a non-empty string"),
+        ({**ok, "url": "ftp://127.0.0.1/hook"}, "http or https"),
+        ({**ok, "url": "127.0.0.1/hook"}, "http or https"),
+        ({**ok, "url": "http:///hook"}, "no host"),
+        ({**ok, "url": "http://127.0.0.1 /hook"}, "whitespace"),
+        ({**ok, "url": "http://127.0.0.1:0/hook"}, "port 0"),
+        ({**ok, "url": "http://127.0.0.1:70000/hook"}, "bad port"),
+        ({**ok, "url": good + "/" + "x" * 2100}, "characters long"),
+        ({**ok, "url": "http://169.254.169.254/latest/meta-data/"}, "deny_networks"),
+        ({**ok, "url": "http://[::ffff:169.254.169.254]/"}, "deny_networks"),
+        ({**ok, "events": "users.*"}, "events must be a non-empty list"),
+        ({**ok, "events": []}, "events must be a non-empty list"),
+        ({**ok, "events": [1]}, "is not an event pattern"),
+        ({**ok, "events": ["users.%"]}, "is not an event pattern"),
+        ({**ok, "events": ["users insert"]}, "is not an event pattern"),
+        ({**ok, "events": ["users.*\n"]}, "is not an event pattern"),
+        ({**ok, "secret": "s3cret"}, "Standard Webhooks secret"),
+        ({**ok, "secret": 12345}, "Standard Webhooks secret"),
+        ({**ok, "secret": "whsec_!!notbase64!!"}, "not valid base64"),
+        ({**ok, "secret": SHORT_SECRET}, "fewer than 24"),
+        ({**ok, "ordered": "yes"}, "ordered must be true or false"),
+        ({**ok, "description": ["x"]}, "description must be a string"),
+        ({**ok, "description": "x" * 65 * 1024}, "larger than 65536 bytes"),
+    ]
+
+
+def test_bad_input_gets_400_naming_the_problem_and_stores_nothing(stack: Callable[..., Stack],
+                                                                  receiver: Receiver) -> None:
+    s = stack(agent__admin_token=TOKEN, webhooks__max_payload_bytes=2000)
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+    def call(method: str, path: str, doc: Any = None, headers: dict[str, str] = auth) -> tuple[int, Any]:
+        raw = doc if isinstance(doc, bytes) or doc is None else json.dumps(doc).encode()
+        return s.agent.json(method, path, body=raw, headers=headers)
+
+    status, endpoint = call("POST", "/api/webhooks/register", {"url": receiver.url, "events": ["users.*"]})
+    assert status == 201
+    status, trig = call("POST", "/api/webhooks/trigger", {"event_type": "users.ok", "payload": {"a": 1}})
+    assert status == 202
+    wait_for("the one good event", arrived(receiver, [trig["event_id"]]))
+    assert [row[1:3] for row in s.settled()] == [("delivered", 1)]
+    before = s.counts()
+    assert before["webhook_endpoints"] == 1 and before["webhook_events"] == 1
+    cases = [("POST", "/api/webhooks/register", doc, 400, needle) for doc, needle in _bad_registrations(receiver.url)]
+    cases += [
+        ("POST", "/api/webhooks/trigger", b"{", 400, "not valid JSON"),
+        ("POST", "/api/webhooks/trigger", {"payload": {}}, 400, "event_type is required"),
+        ("POST", "/api/webhooks/trigger", {"event_type": "x", "extra": 1}, 400, "unknown field 'extra'"),
+        ("POST", "/api/webhooks/trigger", {"event_type": "bad type"}, 400, "is not an event type"),
+        ("POST", "/api/webhooks/trigger", {"event_type": 7}, 400, "is not an event type"),
+        ("POST", "/api/webhooks/trigger", {"event_type": "users.big", "payload": "x" * 3000}, 400,
+         "larger than 2000 bytes (webhooks.max_payload_bytes"),
+        ("DELETE", "/api/webhooks/424242", None, 404, "no webhook endpoint with id 424242"),
+        ("DELETE", "/api/webhooks/abc", None, 400, "endpoint id must be an integer"),
+        ("DELETE", "/api/webhooks/0", None, 400, "endpoint id must be a positive integer"),
+        ("POST", "/api/webhooks/events/424242/redeliver", None, 404, "no webhook event with id 424242"),
+        ("POST", "/api/webhooks/events/abc/redeliver", None, 400, "event id must be an integer"),
+        ("POST", f"/api/webhooks/events/{trig['event_id']}/redeliver", {"endpoint_id": "1"}, 400,
+         "endpoint_id must be an integer"),
+        ("POST", f"/api/webhooks/events/{trig['event_id']}/redeliver", {"what": 1}, 400, "unknown field 'what'"),
+        ("GET", "/api/webhooks/events?limit=0", None, 400, "limit must be a positive integer"),
+        ("GET", "/api/webhooks/events?limit=5000", None, 400, "limit must be between 1 and 1000"),
+        ("GET", "/api/webhooks/events?event_type=a%20b", None, 400, "is not an event type"),
+    ]
+    # Without the admin token every mutating route is refused, whatever the body.
+    no_auth = {"Content-Type": "application/json"}
+    for method, path, doc in [("POST", "/api/webhooks/register", {"url": receiver.url, "events": ["*"]}),
+                              ("POST", "/api/webhooks/trigger", {"event_type": "users.sneaky"}),
+                              ("DELETE", f"/api/webhooks/{endpoint['id']}", None),
+                              ("POST", f"/api/webhooks/events/{trig['event_id']}/redeliver", None)]:
+        cases.append((method, path, doc, 401, "admin endpoint", no_auth))  # type: ignore[arg-type]
+    failures = []
+    for method, path, doc, want, needle, *headers in cases:
+        status, answer = call(method, path, doc, *headers)
+        if status != want or needle not in answer.get("error", "") or answer.get("status") != want:
+            failures.append((method, path, str(doc)[:80], status, answer))
+    assert not failures, "\n".join(map(repr, failures))
+    assert s.counts() == before
+    assert call("GET", "/api/webhooks", headers={})[0] == 200  # reading needs no token
+
+
+def test_410_gone_disables_the_endpoint_and_nothing_more_is_sent(stack: Callable[..., Stack]) -> None:
+    s = stack()
+    gone, other = Receiver(), Receiver()
+    try:
+        gone.status = 410
+        endpoint = s.register(gone.url, ["*"])
+        s.register(other.url, ["*"])
+        ids = [s.emit("orders.created", {"n": n}) for n in range(3)]
+        wait_for("the endpoint disabled", lambda: s.rows(
+            "SELECT active, disabled_reason FROM webhook_endpoints WHERE id = %s", endpoint["id"]) == [
+            (False, "the receiver answered 410 Gone")])
+        marker = s.emit("marker")  # the other endpoint gets it: the emitter went on working
+        wait_for("the marker at the other endpoint", arrived(other, [*ids, marker]))
+        assert [event_id(r) for r in gone.all()] == [ids[0]]  # one attempt, then nothing more
+        status, doc = s.agent.json("GET", "/api/webhooks")
+        listed = {e["id"]: e for e in doc["endpoints"]}
+        assert listed[endpoint["id"]]["active"] is False
+        assert "410" in listed[endpoint["id"]]["disabled_reason"]
+        # An inactive endpoint gets no deliveries for new events.
+        assert s.rows("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = %s AND event_id = %s",
+                      endpoint["id"], marker) == [(0,)]
+        assert s.rows("SELECT status_code FROM webhook_attempts AS a JOIN webhook_deliveries AS d "
+                      "ON d.id = a.delivery_id WHERE d.endpoint_id = %s", endpoint["id"]) == [(410,)]
+    finally:
+        gone.close()
+        other.close()
+
+
+def test_dead_after_max_attempts_stays_visible_and_redeliver_sends_it(stack: Callable[..., Stack],
+                                                                      receiver: Receiver) -> None:
+    s = stack(webhooks__max_attempts=3)
+    receiver.status = 500
+    s.register(receiver.url, ["billing.*"])
+    event = s.emit("billing.failed", {"invoice": 7})
+    wait_for("the delivery dead", lambda: s.rows("SELECT state FROM webhook_deliveries") == [("dead",)])
+    attempts = s.rows("SELECT a.attempt, a.status_code, a.next_attempt_at IS NULL FROM webhook_attempts AS a "
+                      "ORDER BY a.id")
+    assert attempts == [(1, 500, False), (2, 500, False), (3, 500, True)]
+    assert len(receiver.all()) == 3 and not receiver.accepted()
+    status, doc = s.agent.json("GET", "/api/webhooks/events?event_type=billing.failed")
+    assert status == 200
+    [shown] = doc["events"]
+    assert shown["id"] == event and shown["payload"] == {"invoice": 7}
+    [delivery] = shown["deliveries"]
+    assert (delivery["state"], delivery["attempts"], delivery["last_status"]) == ("dead", 3, 500)
+    assert delivery["next_attempt_at"] is None
+    receiver.status = 200
+    status, doc = s.agent.json("POST", f"/api/webhooks/events/{event}/redeliver")
+    assert status == 202 and doc["event_id"] == event and len(doc["endpoints"]) == 1
+    [got] = wait_for("the redelivered event", arrived(receiver, [event]))
+    assert got.json["data"] == {"invoice": 7}
+    assert [row[1:] for row in s.settled()] == [("delivered", 1, 200)]
+    assert len(receiver.all()) == 4
+    _, doc = s.agent.json("GET", "/api/webhooks/events?event_type=billing.failed")
+    assert doc["events"][0]["deliveries"][0]["state"] == "delivered"
+
+
+def test_secrets_are_never_listed_and_trigger_round_trips_through_history(stack: Callable[..., Stack],
+                                                                         receiver: Receiver) -> None:
+    s = stack()
+    given = "whsec_" + "c2VjcmV0LWJ5dGVzLWZvci10ZXN0aW5nLTEyMzQ="
+    generated = s.register(receiver.url, ["user_*"])["secret"]
+    assert s.register(receiver.url, ["other.*"], secret=given, description="second")["secret"] == given
+    status, headers, raw = s.agent.request("GET", "/api/webhooks")
+    assert status == 200
+    listed = json.loads(raw)["endpoints"]
+    assert [e["events"] for e in listed] == [["user_*"], ["other.*"]]
+    assert all("secret" not in e for e in listed)
+    assert given.encode() not in raw and generated.encode() not in raw and b"whsec_" not in raw
+    ids = {}
+    for event_type, payload in [("user_signup", {"email": "u@example.com"}), ("other.thing", [1, 2]),
+                                ("user_signup", {"email": "v@example.com"})]:
+        status, doc = s.agent.json("POST", "/api/webhooks/trigger",
+                                   body=json.dumps({"event_type": event_type, "payload": payload}).encode())
+        assert status == 202
+        ids.setdefault(event_type, []).append(doc["event_id"])
+    wait_for("the three events", arrived(receiver, [i for v in ids.values() for i in v]))
+    s.settled()
+    status, doc = s.agent.json("GET", "/api/webhooks/events?event_type=user_signup")
+    assert [e["id"] for e in doc["events"]] == ids["user_signup"][::-1]  # newest first
+    assert [e["payload"]["email"] for e in doc["events"]] == ["v@example.com", "u@example.com"]
+    assert all(e["deliveries"][0]["state"] == "delivered" for e in doc["events"])
+    _, doc = s.agent.json("GET", "/api/webhooks/events?event_type=user_signup&limit=1")
+    assert [e["id"] for e in doc["events"]] == ids["user_signup"][-1:]
+    _, doc = s.agent.json("GET", "/api/webhooks/events")
+    assert len(doc["events"]) == 3 and b"whsec_" not in json.dumps(doc).encode()
+    assert Webhook(generated).verify(receiver.accepted()[0].body, receiver.accepted()[0].headers)
+
+
+def test_webhook_service_seed_api_directly_over_asyncpg(stack: Callable[..., Stack], receiver: Receiver) -> None:
+    s = stack()  # the emitter that delivers; the service only writes the tables
+
+    async def scenario() -> tuple[Any, int, list[Any], list[Any]]:
+        service = await WebhookService.connect(s.dsn)
+        try:
+            endpoint = await service.register_webhook(receiver.url, ["signup.*"])
+            async with service.db.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                await service.trigger_webhook("signup.rolled_back", {"n": 0}, conn=conn)
+                await tx.rollback()
+                async with conn.transaction():
+                    inside = await service.trigger_webhook("signup.in_tx", {"n": 1}, conn=conn)
+            plain = await service.trigger_webhook("signup.done", {"n": 2})
+            history = await service.get_event_history()
+            with pytest.raises(ValueError, match="event_type"):
+                await service.trigger_webhook("bad type", {})
+            return endpoint, plain, history, [inside, await service.list_endpoints()]
+        finally:
+            await service.close()
+
+    endpoint, plain, history, (inside, endpoints) = asyncio.run(scenario())
+    assert endpoint.secret and endpoint.secret.startswith("whsec_") and endpoint.events == ("signup.*",)
+    assert [e.secret for e in endpoints] == [None]
+    assert [(e.id, e.event_type, e.payload) for e in history] == [(plain, "signup.done", {"n": 2}),
+                                                                 (inside, "signup.in_tx", {"n": 1})]
+    got = wait_for("the two committed events", arrived(receiver, [inside, plain]))
+    assert [r.json["type"] for r in got] == ["signup.in_tx", "signup.done"]
+    assert all(Webhook(endpoint.secret).verify(r.body, r.headers) for r in got)
+
+    async def later() -> list[Any]:
+        service = await WebhookService.connect(s.dsn)
+        try:
+            return await service.get_event_history("signup.done", limit=5)
+        finally:
+            await service.close()
+
+    s.settled()
+    [done] = asyncio.run(later())
+    assert done.deliveries[0]["state"] == "delivered" and done.deliveries[0]["endpoint_id"] == endpoint.id
+
+
+PATTERNS = ["*", "users.*", "users_insert", "user_*", "*.insert", "a-b", "*_*", "resumes.update", "r*s.*e",
+            "users.insert", "*s*"]
+EVENT_TYPES = ["users.insert", "users_insert", "usersXinsert", "user_signup", "userXsignup", "a-b", "a_b",
+               "resumes.update", "matches.insert", "x_y", "xy", "users.insert\n", "USERS.INSERT", "rs.e"]
+
+
+def test_matches_agrees_with_the_like_in_pgsidecar_emit(migrated: Any) -> None:
+    _, connect = migrated
+    with connect() as conn:
+        endpoints = {conn.execute("INSERT INTO webhook_endpoints (url, events, secret) VALUES (%s, %s, 'whsec_x') "
+                                  "RETURNING id", (f"http://127.0.0.1/{i}", [p])).fetchone()[0]: p
+                     for i, p in enumerate(PATTERNS)}
+        events = {emit(conn, t): t for t in EVENT_TYPES}
+        in_sql = set(conn.execute("SELECT endpoint_id, event_id FROM webhook_deliveries").fetchall())
+    in_python = {(e, v) for e, p in endpoints.items() for v, t in events.items() if matches(t, [p])}
+    assert in_python == in_sql, {"sql only": [(endpoints[e], events[v]) for e, v in in_sql - in_python],
+                                 "python only": [(endpoints[e], events[v]) for e, v in in_python - in_sql]}
+    assert len(in_sql) > len(EVENT_TYPES)  # the table is not trivially empty
