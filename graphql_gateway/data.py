@@ -23,6 +23,7 @@ order is offered, in that order with ``id`` as the tie-break).
 from __future__ import annotations
 
 import json
+from asyncio import Future
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,8 +139,9 @@ class RequestData:
             loader = self._by_id[table] = DataLoader(load)
         return loader
 
-    async def get(self, table: str, id_: int) -> Row | None:
-        return await self.by_id(table).load(id_)
+    def get(self, table: str, id_: int) -> Future[Row | None]:
+        """The row of ``table`` with id ``id_`` (None when there is none), batched with the other gets."""
+        return self.by_id(table).load(id_)
 
     # ------------------------------------------------------------------ lists
     async def rows(self, table: str, page: Page, filters: Sequence[Filter] = ()) -> list[Row]:
@@ -152,8 +154,8 @@ class RequestData:
                f"LIMIT ${len(args)}")
         return [_row(table, r) for r in await self.fetch(sql, *args)]
 
-    async def children(self, table: str, fk: str, parent_id: int, page: Page,
-                       filters: Sequence[Filter] = ()) -> list[Row]:
+    def children(self, table: str, fk: str, parent_id: int, page: Page,
+                 filters: Sequence[Filter] = ()) -> Future[list[Row]]:
         """A relation list (``table.fk = parent_id``), one page per parent, batched across parents."""
         page.check(self.max_page_size)
         key = (table, fk, page, tuple(filters))
@@ -174,4 +176,4 @@ class RequestData:
                 return [grouped[i] for i in parent_ids]
 
             loader = self._children[key] = DataLoader(load)
-        return await loader.load(parent_id)
+        return loader.load(parent_id)

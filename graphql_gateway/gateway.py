@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any
 
 import asyncpg
@@ -99,6 +101,46 @@ def _loopback(host: str) -> str:
     return host
 
 
+def _is_awaitable(value: Any) -> bool:
+    """What our resolvers return that must be awaited: coroutines and the loaders' futures.
+
+    graphql-core's default check handles any awaitable, at a cost paid for every field; ours only
+    ever return these two (scalars come from dicts)."""
+    return isinstance(value, (CoroutineType, asyncio.Future))
+
+
+class DocumentCache:
+    """Parsed documents and their errors under the specified validation rules, by query text (LRU).
+
+    Clients send the same few query texts over and over; parsing and validating one costs about as
+    much as running a small query. The limits rule depends on the variables, so it runs per request."""
+
+    MAX_ENTRIES = 512
+    MAX_QUERY_CHARS = 20_000  # longer texts are parsed every time rather than held
+
+    def __init__(self, schema: GraphQLSchema) -> None:
+        self.schema = schema
+        self._entries: OrderedDict[str, tuple[DocumentNode, list[GraphQLError]] | GraphQLError] = OrderedDict()
+
+    def get(self, query: str) -> tuple[DocumentNode, list[GraphQLError]] | GraphQLError:
+        """(document, validation errors) of ``query``, or its syntax error."""
+        entry = self._entries.get(query)
+        if entry is not None:
+            self._entries.move_to_end(query)
+            return entry
+        try:
+            document = parse(query)
+        except GraphQLError as exc:
+            entry = exc
+        else:
+            entry = (document, validate(self.schema, document, specified_rules))
+        if len(query) <= self.MAX_QUERY_CHARS:
+            self._entries[query] = entry
+            if len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
+        return entry
+
+
 class Gateway:
     """One gateway: the schema, its settings, the asyncpg pool to the proxy and its statistics."""
 
@@ -108,6 +150,7 @@ class Gateway:
         self.connect_timeout = connect_timeout
         self.schema: GraphQLSchema = build_schema()
         self.stats = GatewayStats()
+        self.documents = DocumentCache(self.schema)
         self.pool: asyncpg.Pool | None = None
         self.path = settings.path.rstrip("/") or "/graphql"
         # The webhook emitter's ChangeFeed (agent/webhooks/feed.py), looked up when a subscription
@@ -153,10 +196,10 @@ class Gateway:
         """Parse, validate (with the limits) and coerce the variables; errors are request errors.
 
         BadRequest (405) when the operation's type is not in ``allowed`` for this transport."""
-        try:
-            document = parse(query)
-        except GraphQLError as exc:
-            return Rejected([exc], operation_name)
+        parsed = self.documents.get(query)
+        if isinstance(parsed, GraphQLError):
+            return Rejected([parsed], operation_name)
+        document, errors = parsed
         operation = get_operation_ast(document, operation_name)
         name = operation.name.value if operation is not None and operation.name else operation_name
         if operation is not None and operation.operation not in allowed:
@@ -165,7 +208,7 @@ class Gateway:
             if operation.operation == OperationType.SUBSCRIPTION:
                 return Rejected([GraphQLError("subscriptions run over WebSocket (graphql-transport-ws) at this path",
                                               operation, extensions={"code": "SUBSCRIPTION_OVER_HTTP"})], name)
-        errors = validate(self.schema, document, [*specified_rules, limits_rule(self.settings, variables)])
+        errors = errors or validate(self.schema, document, [limits_rule(self.settings, variables)])
         if errors:
             return Rejected(errors, name)
         if operation is None:
@@ -182,7 +225,8 @@ class Gateway:
         try:
             async with asyncio.timeout(self.settings.query_timeout_s):
                 result = execute(self.schema, prepared.document, context_value=context,
-                                 variable_values=prepared.variables, operation_name=prepared.name)
+                                 variable_values=prepared.variables, operation_name=prepared.name,
+                                 is_awaitable=_is_awaitable)
                 if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                     result = await result
         except TimeoutError:

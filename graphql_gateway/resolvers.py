@@ -6,6 +6,7 @@ operation, the page-size settings and, for subscriptions, the change feed.
 """
 from __future__ import annotations
 
+from asyncio import Future
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,8 +122,8 @@ async def predictions(_root: Any, info: GraphQLResolveInfo, resume_id: Any, firs
 def parent(table: str, fk: str) -> Callable[..., Any]:
     """Resolver of a to-one relation: the ``table`` row whose id is the source's ``fk``."""
 
-    async def resolve(source: Row, info: GraphQLResolveInfo) -> Row | None:
-        return await _ctx(info).data.get(table, source[fk])
+    def resolve(source: Row, info: GraphQLResolveInfo) -> Future[Row | None]:
+        return _ctx(info).data.get(table, source[fk])  # a future: no coroutine per row
 
     return resolve
 
@@ -130,11 +131,11 @@ def parent(table: str, fk: str) -> Callable[..., Any]:
 def children(table: str, fk: str, *, scored: bool = False) -> Callable[..., Any]:
     """Resolver of a to-many relation: a page of the ``table`` rows whose ``fk`` is the source's id."""
 
-    async def resolve(source: Row, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
-                      min_score: float | None = None, order: str | None = None) -> list[Row]:
+    def resolve(source: Row, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
+                min_score: float | None = None, order: str | None = None) -> Future[list[Row]]:
         filters = _match_filters(min_score) if scored else []
         page = _page(info, first, after, _order(order))
-        return await _ctx(info).data.children(table, fk, source["id"], page, filters)
+        return _ctx(info).data.children(table, fk, source["id"], page, filters)
 
     return resolve
 
