@@ -53,6 +53,8 @@ async def _body(request: web.Request, allowed: frozenset[str], max_bytes: int, s
         doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _error(web.HTTPBadRequest, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _error(web.HTTPBadRequest, "request body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise _error(web.HTTPBadRequest, "request body must be a JSON object")
     unknown = sorted(set(doc) - allowed)

@@ -101,6 +101,17 @@ class WebhookEvent:
                 "created_at": self.created_at.isoformat(), "deliveries": list(self.deliveries)}
 
 
+def _data_error() -> type[Exception]:
+    import asyncpg
+
+    return asyncpg.DataError  # type: ignore[no-any-return]
+
+
+def _refused(what: str, exc: Any) -> InvalidWebhook:
+    detail = f" ({exc.detail})" if getattr(exc, "detail", None) else ""
+    return InvalidWebhook(f"{what}: the database refused it: {exc}{detail}")
+
+
 def _endpoint(row: Any, secret: str | None = None) -> WebhookEndpoint:
     return WebhookEndpoint(row["id"], row["url"], tuple(row["events"]), row["description"], row["ordered"],
                            row["active"], row["disabled_reason"], row["created_at"], secret)
@@ -137,7 +148,10 @@ class WebhookService:
         if not isinstance(ordered, bool):
             raise InvalidWebhook("ordered must be true or false")
         await check_target(url, self.deny)
-        row = await self.db.fetchrow(_INSERT_ENDPOINT_SQL, url, list(patterns), secret, description, ordered)
+        try:
+            row = await self.db.fetchrow(_INSERT_ENDPOINT_SQL, url, list(patterns), secret, description, ordered)
+        except _data_error() as exc:  # e.g. a NUL character, which text cannot hold
+            raise _refused("url or description", exc) from None
         return _endpoint(row, secret)
 
     async def list_endpoints(self) -> list[WebhookEndpoint]:
@@ -153,7 +167,11 @@ class WebhookService:
         """Emit an app event (in ``conn``'s transaction when given); returns its id."""
         event_type = check_event_type(event_type)
         text = json.dumps(payload)
-        return int(await (conn or self.db).fetchval("SELECT public.pgsidecar_emit($1, $2::jsonb)", event_type, text))
+        try:
+            return int(await (conn or self.db).fetchval("SELECT public.pgsidecar_emit($1, $2::jsonb)", event_type,
+                                                        text))
+        except _data_error() as exc:  # \u0000, NaN or Infinity: JSON to Python, but not to jsonb
+            raise _refused("payload", exc) from None
 
     async def get_event_history(self, event_type: str | None = None, limit: int = 50) -> list[WebhookEvent]:
         """Newest first, each with its delivery state per endpoint."""
