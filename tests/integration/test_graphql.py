@@ -393,3 +393,52 @@ def test_a_subscription_receives_a_row_inserted_by_another_connection(sidecar: R
     change = by_id["rc"]["data"]["rowChanged"]
     assert (change["table"], change["op"], change["new"]["title"]) == ("jobs", "update", "Renamed job")
     assert change["old"]["title"] != "Renamed job"
+
+
+async def _ws_exchange(url: str, sends: list[Any], replies: int, until_close: bool,
+                       protocols: tuple[str, ...] = ("graphql-transport-ws",)) -> tuple[list[Any], int | None]:
+    """Send ``sends`` (dicts as JSON, str as is), read ``replies`` messages, then (``until_close``)
+    wait for the server to close: (the replies, the close code or None)."""
+    got: list[Any] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, protocols=protocols) as ws:
+        for message in sends:
+            await (ws.send_str(message) if isinstance(message, str) else ws.send_json(message))
+        while len(got) < replies or until_close:
+            msg = await ws.receive(timeout=20)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                return got, ws.close_code
+            got.append(json.loads(msg.data))
+        return got, None
+
+
+INIT = {"type": "connection_init"}
+ACK = {"type": "connection_ack"}
+
+
+@pytest.mark.parametrize(("sends", "replies", "expected", "close_code"), [
+    ([INIT, {"type": "ping"}, {"type": "subscribe", "id": "q", "payload": {"query": "{ job(id: 2) { id } }"}}], 4,
+     [ACK, {"type": "pong"}, {"type": "next", "id": "q", "payload": {"data": {"job": {"id": "2"}}}},
+      {"type": "complete", "id": "q"}], None),
+    ([INIT, {"type": "subscribe", "id": "bad", "payload": {"query": "{ job(id: 2) { nope } }"}}], 2,
+     [ACK, {"type": "error", "id": "bad", "payload": [{"message": "Cannot query field 'nope' on type 'Job'.",
+                                                       "locations": [{"line": 1, "column": 16}]}]}], None),
+    ([INIT, {"type": "subscribe", "id": "t", "payload": {"query": 'subscription { rowChanged(table: "pg_authid") { op } }'}}],
+     2, [ACK, {"type": "error", "id": "t", "payload": [{
+         "message": "table must be one of users, companies, resumes, jobs, matches, predictions, got 'pg_authid'",
+         "locations": [{"line": 1, "column": 16}], "path": ["rowChanged"]}]}], None),
+    ([{"type": "subscribe", "id": "early", "payload": {"query": "{ job(id: 2) { id } }"}}], 0, [], 4401),
+    ([INIT, INIT], 1, [ACK], 4429),
+    (["not json"], 0, [], 4400),
+    ([INIT, {"type": "subscribe", "id": "s", "payload": {"query": "subscription { matchCreated { id } }"}},
+      {"type": "subscribe", "id": "s", "payload": {"query": "subscription { matchCreated { id } }"}}], 1, [ACK], 4409),
+], ids=["query", "invalid", "bad-table", "subscribe-before-init", "init-twice", "not-json", "duplicate-id"])
+def test_graphql_transport_ws_protocol(sidecar: RunningAgent, sends: list[Any], replies: int, expected: list[Any],
+                                       close_code: int | None) -> None:
+    url = sidecar.url.replace("http://", "ws://") + "/graphql"
+    got, code = asyncio.run(_ws_exchange(url, sends, replies, until_close=close_code is not None))
+    assert (got, code) == (expected, close_code)
+
+
+def test_websocket_without_the_subprotocol_is_closed_4406(sidecar: RunningAgent) -> None:
+    url = sidecar.url.replace("http://", "ws://") + "/graphql"
+    assert asyncio.run(_ws_exchange(url, [INIT], 0, until_close=True, protocols=())) == ([], 4406)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from graphql import GraphQLObjectType, parse, validate
+from graphql import GraphQLError, GraphQLObjectType, parse, validate
 
 from config.settings import GraphQLSettings
+from graphql_gateway.gateway import DocumentCache
 from graphql_gateway.limits import limits_rule
 from graphql_gateway.metrics import MAX_OPERATION_NAMES, GatewayStats
 from graphql_gateway.schema import SCHEMA_FILE, build_schema, printed
@@ -88,3 +89,16 @@ def test_operation_labels_are_bounded() -> None:
     assert len(labels) == MAX_OPERATION_NAMES + 2  # the first names, "other" and "anonymous"
     assert stats.operations[("other", "ok")] == 10 and stats.operations[("other", "rejected")] == 1
     assert stats.operations[("anonymous", "ok")] == 1
+
+
+def test_documents_are_parsed_and_validated_once_per_text_and_bounded() -> None:
+    cache = DocumentCache(build_schema())
+    first = cache.get("{ users { id } }")
+    assert first is cache.get("{ users { id } }") and not isinstance(first, GraphQLError) and first[1] == []
+    assert isinstance(cache.get("{ users {"), GraphQLError)
+    assert [e.message for e in cache.get("{ users { nope } }")[1]] == [  # type: ignore[index]
+        "Cannot query field 'nope' on type 'User'."]
+    for i in range(DocumentCache.MAX_ENTRIES + 5):
+        cache.get(f"query Q{i} {{ users {{ id }} }}")
+    assert len(cache._entries) == DocumentCache.MAX_ENTRIES  # the bound is the point
+    assert cache.get("{ users { id } }") is not first  # evicted (least recently used), parsed again
