@@ -159,7 +159,8 @@ def matches(event_type: str, patterns: Iterable[str]) -> bool:
 
 def backoff(attempts: int, settings: WebhookSettings, rng: random.Random | None = None) -> float:
     """Seconds before retry number ``attempts`` (1 = the first retry): base * 4^(n-1), capped, +-25 %."""
-    delay = min(settings.backoff_base_s * 4.0 ** max(attempts - 1, 0), settings.backoff_max_s)
+    # The exponent is capped so that a large webhooks.max_attempts cannot overflow the float.
+    delay = min(settings.backoff_base_s * 4.0 ** min(max(attempts - 1, 0), 64), settings.backoff_max_s)
     return delay * (rng or random).uniform(0.75, 1.25)
 
 

@@ -60,6 +60,14 @@ def test_backoff_jitter_stays_within_a_quarter_and_under_the_cap(attempt: int) -
     assert len(set(seen)) > 1  # jittered, so a fleet of failed deliveries does not retry in lockstep
 
 
+@pytest.mark.parametrize("attempt", [100, 513, 600, 10**6])
+def test_backoff_of_a_late_retry_is_the_cap_not_an_overflow(attempt: int) -> None:
+    # webhooks.max_attempts may be set high (retry every backoff_max_s for a week): 4.0 ** 512
+    # overflows a float, and an exception there left the attempt unrecorded and resent forever.
+    settings = WebhookSettings(max_attempts=10**6, backoff_base_s=15.0, backoff_max_s=600.0)
+    assert backoff(attempt, settings, _NoJitter()) == 600.0
+
+
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:8080/hook",
     "https://hooks.example.com/a/b?c=d",
