@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ipaddress
 import json
 import random
@@ -214,7 +215,8 @@ class DenyingResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         allowed = [r for r in results if not denied(r["host"], self.deny)]
         if not allowed:
-            raise OSError(f"{host} resolves only to addresses in webhooks.deny_networks")
+            # With an errno, so aiohttp's ClientConnectorError shows the text (else "[None]").
+            raise OSError(errno.EHOSTUNREACH, f"{host} resolves only to addresses in webhooks.deny_networks")
         return allowed
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from agent.webhooks.delivery import matches
+from agent.webhooks.delivery import matches, new_secret
 from agent.webhooks.service import WebhookService
 from agent.webhooks.sql import TABLES
 from migrations import runner
@@ -497,6 +497,29 @@ def test_bad_input_gets_400_naming_the_problem_and_stores_nothing(stack: Callabl
     assert not failures, "\n".join(map(repr, failures))
     assert s.counts() == before
     assert call("GET", "/api/webhooks", headers={})[0] == 200  # reading needs no token
+
+
+def test_targets_in_deny_networks_are_refused_at_registration_and_at_delivery(stack: Callable[..., Stack],
+                                                                             receiver: Receiver) -> None:
+    s = stack(webhooks__deny_networks=["127.0.0.0/8", "::1/128"])
+    by_name = receiver.url.replace("127.0.0.1", "localhost")
+    for url in (receiver.url, by_name):
+        status, doc = s.agent.json("POST", "/api/webhooks/register",
+                                   body=json.dumps({"url": url, "events": ["*"]}).encode())
+        assert status == 400 and "webhooks.deny_networks" in doc["error"], doc
+    assert s.counts()["webhook_endpoints"] == 0
+    # Written straight into the table (as if DNS changed after registration): the emitter checks
+    # again when it connects, for an IP literal and for a name its resolver answers.
+    with s.connect() as direct:
+        for url in (receiver.url, by_name):
+            direct.execute("INSERT INTO webhook_endpoints (url, events, secret) VALUES (%s, '{*}', %s)",
+                           (url, new_secret()))
+    s.emit("x.y")
+    refused = ("SELECT DISTINCT e.url FROM webhook_attempts AS a JOIN webhook_deliveries AS d ON d.id = a.delivery_id "
+               "JOIN webhook_endpoints AS e ON e.id = d.endpoint_id WHERE a.error LIKE '%%webhooks.deny_networks%%' "
+               "AND a.status_code IS NULL ORDER BY 1")
+    wait_for("both refused by the emitter", lambda: s.rows(refused) == sorted([(receiver.url,), (by_name,)]))
+    assert receiver.all() == []
 
 
 def test_410_gone_disables_the_endpoint_and_nothing_more_is_sent(stack: Callable[..., Stack]) -> None:
