@@ -286,19 +286,22 @@ def test_two_emitters_share_one_database_and_deliver_each_event_once(stack: Call
             rec.close()
 
 
+@pytest.mark.parametrize("ordered, delay", [(True, 0.02), (False, 0.12)])
 def test_two_emitters_with_a_short_lease_and_a_slow_receiver_do_not_both_deliver(
-        stack: Callable[..., Stack], receiver: Receiver) -> None:
-    # One ordered batch (100 deliveries at 20 ms) takes longer than the lease: the emitter must
-    # keep renewing it, or the other one takes the endpoint over and sends the same events again.
+        stack: Callable[..., Stack], receiver: Receiver, ordered: bool, delay: float) -> None:
+    # One batch (100 deliveries, one at a time or 8 at once) takes longer than the lease: the
+    # emitter must keep renewing it, or the other one takes the endpoint over and sends the same
+    # events again.
     a, b = stack(webhooks__lease_s=1.0), stack(webhooks__lease_s=1.0)
-    receiver.delay = 0.02
-    a.register(receiver.url, ["*"])
+    receiver.delay = delay
+    a.register(receiver.url, ["*"], ordered=ordered)
     with a.app_conn() as conn:
         ids = [int(row[0]) for row in conn.execute(
             "SELECT pgsidecar_emit('tick', jsonb_build_object('n', g)) FROM generate_series(1, 100) AS g")]
     got = wait_for("100 events", arrived(receiver, ids))
-    _assert_each_once(got, ids, ordered=True)
+    _assert_each_once(got, ids, ordered)
     assert len(receiver.all()) == 100
+    assert [row[1:3] for row in a.settled()] == [("delivered", 1)] * 100
 
 
 # ----------------------------------------------------------------------------- a real sidecar process
@@ -417,6 +420,8 @@ def _bad_registrations(good: str) -> list[tuple[Any, str]]:
         ({**ok, "url": good + "/" + "x" * 2100}, "characters long"),
         ({**ok, "url": "http://169.254.169.254/latest/meta-data/"}, "deny_networks"),
         ({**ok, "url": "http://[::ffff:169.254.169.254]/"}, "deny_networks"),
+        ({**ok, "url": "http://2852039166/"}, "resolves to 169.254.169.254"),  # the same address, spelt
+        ({**ok, "url": "http://0251.0376.0251.0376/"}, "resolves to 169.254.169.254"),  # as inet_aton reads it
         ({**ok, "events": "users.*"}, "events must be a non-empty list"),
         ({**ok, "events": []}, "events must be a non-empty list"),
         ({**ok, "events": [1]}, "is not an event pattern"),
