@@ -229,6 +229,33 @@ def test_receiver_down_then_back_gets_every_event_in_order_once(stack: Callable[
     assert states == [("delivered", len(attempts))] + [("delivered", 1)] * 6
 
 
+def test_truncate_arrives_as_one_event(stack: Callable[..., Stack], receiver: Receiver) -> None:
+    s = stack()
+    s.register(receiver.url, ["predictions.*"])
+    with s.app_conn() as conn:
+        conn.execute("TRUNCATE predictions")
+    [got] = wait_for("the truncate event", lambda: receiver.accepted() or None)
+    assert got.json["type"] == "predictions.truncate"
+    assert got.json["data"] == {"table": "predictions", "schema": "public", "op": "truncate", "new": None,
+                                "old": None}
+
+
+def test_a_receiver_that_does_not_answer_in_time_is_retried(stack: Callable[..., Stack], receiver: Receiver) -> None:
+    s = stack(webhooks__timeout_s=0.3)
+    s.register(receiver.url, ["*"])
+    receiver.delay = 1.0
+    event = s.emit("slow.one")
+    timed_out = ("SELECT a.error FROM webhook_attempts AS a JOIN webhook_deliveries AS d ON d.id = a.delivery_id "
+                 "WHERE d.event_id = %s AND a.status_code IS NULL")
+    assert wait_for("a timed-out attempt", lambda: s.rows(timed_out, event))[0] == (
+        "no answer within 0.3 s (webhooks.timeout_s)",)
+    receiver.delay = 0.0
+    wait_for("an answer in time", lambda: s.rows(
+        "SELECT state, last_status FROM webhook_deliveries WHERE event_id = %s", event) == [("delivered", 200)])
+    ids = {r.id for r in receiver.all()}
+    assert ids == {f"evt_{event}"}  # every try (late answers included) carries the same webhook-id
+
+
 def test_listen_connection_severed_events_keep_arriving(stack: Callable[..., Stack], receiver: Receiver) -> None:
     s = stack(webhooks__sweep_interval_s=30)  # the reconnect and NOTIFY deliver, not the periodic sweep
     s.register(receiver.url, ["*"])
