@@ -117,9 +117,11 @@ class DocumentCache:
 
     MAX_ENTRIES = 512
     MAX_QUERY_CHARS = 20_000  # longer texts are parsed every time rather than held
+    MAX_TOKENS = 20_000  # a document with more is refused by the parser (a syntax error)
 
-    def __init__(self, schema: GraphQLSchema) -> None:
+    def __init__(self, schema: GraphQLSchema, max_depth: int) -> None:
         self.schema = schema
+        self.max_depth = max_depth
         self._entries: OrderedDict[str, tuple[DocumentNode, list[GraphQLError]] | GraphQLError] = OrderedDict()
 
     def get(self, query: str) -> tuple[DocumentNode, list[GraphQLError]] | GraphQLError:
@@ -129,9 +131,12 @@ class DocumentCache:
             self._entries.move_to_end(query)
             return entry
         try:
-            document = parse(query)
+            document = parse(query, max_tokens=self.MAX_TOKENS)
         except GraphQLError as exc:
             entry = exc
+        except RecursionError:  # graphql-core's parser recurses once per nesting level
+            entry = GraphQLError(f"Syntax Error: the document is nested too deeply to parse "
+                                 f"(graphql.max_depth={self.max_depth} applies anyway)")
         else:
             entry = (document, validate(self.schema, document, specified_rules))
         if len(query) <= self.MAX_QUERY_CHARS:
@@ -150,7 +155,7 @@ class Gateway:
         self.connect_timeout = connect_timeout
         self.schema: GraphQLSchema = build_schema()
         self.stats = GatewayStats()
-        self.documents = DocumentCache(self.schema)
+        self.documents = DocumentCache(self.schema, settings.max_depth)
         self.pool: asyncpg.Pool | None = None
         self.path = settings.path.rstrip("/") or "/graphql"
         # The webhook emitter's ChangeFeed (agent/webhooks/feed.py), looked up when a subscription

@@ -288,7 +288,9 @@ def test_get_with_a_query_string_runs_a_query(sidecar: RunningAgent) -> None:
     ("mutation { users { id } }", None, "mutations are not supported: the GraphQL gateway is read-only"),
     ("subscription { matchCreated { id } }", None,
      "subscriptions run over WebSocket (graphql-transport-ws) at this path"),
-], ids=["syntax", "unknown-field", "missing-variable", "variable-type", "mutation", "subscription"])
+    ("{ users " + "{ resumes " * 3000 + "{ id }" + " }" * 3001, None,
+     "Syntax Error: the document is nested too deeply to parse (graphql.max_depth=8 applies anyway)"),
+], ids=["syntax", "unknown-field", "missing-variable", "variable-type", "mutation", "subscription", "too-deep"])
 def test_request_errors_are_200_as_json_and_400_as_graphql_response(sidecar: RunningAgent, query: str,
                                                                     variables: Any, message: str) -> None:
     status, content_type, body = post(sidecar, query, variables)

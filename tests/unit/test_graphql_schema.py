@@ -92,7 +92,7 @@ def test_operation_labels_are_bounded() -> None:
 
 
 def test_documents_are_parsed_and_validated_once_per_text_and_bounded() -> None:
-    cache = DocumentCache(build_schema())
+    cache = DocumentCache(build_schema(), max_depth=8)
     first = cache.get("{ users { id } }")
     assert first is cache.get("{ users { id } }") and not isinstance(first, GraphQLError) and first[1] == []
     assert isinstance(cache.get("{ users {"), GraphQLError)
@@ -102,3 +102,12 @@ def test_documents_are_parsed_and_validated_once_per_text_and_bounded() -> None:
         cache.get(f"query Q{i} {{ users {{ id }} }}")
     assert len(cache._entries) == DocumentCache.MAX_ENTRIES  # the bound is the point
     assert cache.get("{ users { id } }") is not first  # evicted (least recently used), parsed again
+
+
+def test_a_document_too_deep_or_too_long_to_parse_is_a_syntax_error() -> None:
+    cache = DocumentCache(build_schema(), max_depth=8)
+    deep = cache.get("{ users " + "{ resumes " * 3000 + "{ id }" + " }" * 3001)
+    assert isinstance(deep, GraphQLError) and deep.message == (
+        "Syntax Error: the document is nested too deeply to parse (graphql.max_depth=8 applies anyway)")
+    long = cache.get("{ " + "users { id } " * 10_000 + "}")
+    assert isinstance(long, GraphQLError) and "more than 20000 tokens" in long.message
