@@ -131,7 +131,8 @@ async def load(url: str, clients: int, duration: float, resumes: int, seed: int)
                     async with http.post(url, json=body) as resp:
                         doc = await resp.json()
                         ok = resp.status == 200 and "errors" not in doc and len(doc["data"]["resumes"]) > 0
-                        reason = f"status {resp.status}" if resp.status != 200 else "graphql errors"
+                        reason = (f"status {resp.status}" if resp.status != 200 else
+                                  "graphql error: " + (doc.get("errors") or [{}])[0].get("message", "no rows")[:120])
                 except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     ok, reason = False, type(exc).__name__
                 if ok:
