@@ -157,6 +157,15 @@ def test_unknown_id_is_null_and_a_bad_id_is_an_error(sidecar: RunningAgent) -> N
     assert body["errors"][0]["message"] == "id must be a numeric id, got 'seven'"
 
 
+def test_arguments_are_bound_never_interpolated(sidecar: RunningAgent, db: psycopg.Connection[Any]) -> None:
+    email = "x' OR '1'='1"
+    assert data_of(sidecar, "query($e: String) { users(email: $e) { id } }", {"e": email}) == {"users": []}
+    assert data_of(sidecar, "{ users(email: \"user3@example.com\") { id } }") == {"users": [{"id": "3"}]}
+    status, _, body = post(sidecar, '{ resumes(user_id: "1); DROP TABLE users; --") { id } }')
+    assert status == 200 and body["errors"][0]["message"].startswith("user_id must be a numeric id")
+    assert db.execute("SELECT count(*) FROM users").fetchone() == (DEMO_USERS,)
+
+
 def test_relations_both_ways_match_sql(sidecar: RunningAgent, db: psycopg.Connection[Any]) -> None:
     got = data_of(sidecar, """{ resume(id: 4) { id user { id full_name resumes { id } }
         matches(first: 3, order: MATCH_SCORE_DESC) { match_score job { id company { name } } resume { id } }
