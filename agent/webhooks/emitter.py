@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 # Histogram buckets of delivery latency (seconds), shared with the metrics collector.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNORDERED_PARALLEL = 8
+# Notifications arrive once per change: the dispatcher looks for work at most once per ROUND_GAP_S
+# (a burst of NOTIFYs costs one claim query, not one each), and a worker whose queue ran dry keeps
+# its lease for WORKER_LINGER_S in case the next event for its endpoint is already on its way.
+ROUND_GAP_S = 0.02
+WORKER_LINGER_S = 0.25
 
 _CLAIM_SQL = """
 WITH candidates AS (
@@ -191,6 +196,7 @@ class Emitter:
         self._task: asyncio.Task[None] | None = None
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._news: asyncio.Future[None] | None = None  # resolved by the next notification
         self._lost = asyncio.Event()
         self._backlog_at = 0.0
 
@@ -323,6 +329,19 @@ class Emitter:
             event_id = 0
         self.feed.notified(event_id, event_type)
         self._wake.set()
+        news, self._news = self._news, None
+        if news is not None and not news.done():
+            news.set_result(None)
+
+    async def _await_news(self, timeout: float) -> bool:
+        """True when a notification arrives within ``timeout`` seconds."""
+        if self._news is None or self._news.done():
+            self._news = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._news), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
         if self._pool is None:
@@ -334,8 +353,12 @@ class Emitter:
         loop = asyncio.get_running_loop()
         first = True
         wait_s = 0.0
+        last_round = 0.0
         while True:
             if not first:
+                gap = last_round + ROUND_GAP_S - loop.time()
+                if gap > 0:
+                    await asyncio.sleep(gap)
                 lost = loop.create_task(self._lost.wait())
                 woken = loop.create_task(self._wake.wait())
                 try:
@@ -354,6 +377,7 @@ class Emitter:
                 self.state = "running"
                 await self.feed.catch_up()  # on start and after a reconnect
             first = False
+            last_round = loop.time()
             self.sweeps += 1
             if self.delivering:
                 await self._claim()
@@ -406,6 +430,7 @@ class Emitter:
             renewed = loop.time()
             return True
 
+        lingered = False
         try:
             while True:
                 rows = await self._pool.fetch(_QUEUE_SQL, endpoint.id, self.settings.batch_size, endpoint.ordered,
@@ -413,7 +438,11 @@ class Emitter:
                 if endpoint.ordered:
                     rows = _due_prefix(rows)
                 if not rows:
-                    return
+                    if lingered or not await self._await_news(WORKER_LINGER_S):
+                        return
+                    lingered = True  # one look after the news; then the dispatcher takes over
+                    continue
+                lingered = False
                 results, stop = await self._deliver(endpoint, rows, keep_lease)
                 await self._record(endpoint, results)
                 if stop:
