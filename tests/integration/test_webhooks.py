@@ -209,7 +209,7 @@ def test_receiver_down_then_back_gets_every_event_in_order_once(stack: Callable[
     head_attempts = ("SELECT a.status_code, a.error FROM webhook_attempts AS a JOIN webhook_deliveries AS d "
                      "ON d.id = a.delivery_id WHERE d.event_id = %s ORDER BY a.id")
     refused = wait_for("an attempt refused at connect", lambda: [
-        row for row in s.rows(head_attempts, ids[0]) if row[0] is None and "connect" in (row[1] or "").lower()])
+        row for row in s.rows(head_attempts, ids[0]) if row[0] is None and "Cannot connect to host" in (row[1] or "")])
     assert refused
     assert s.rows("SELECT last_status, last_error IS NOT NULL FROM webhook_deliveries WHERE event_id = %s",
                   ids[0]) == [(None, True)]
@@ -270,8 +270,7 @@ def test_listen_connection_severed_events_keep_arriving(stack: Callable[..., Sta
     got = wait_for("the events written after the cut", arrived(receiver, after))
     assert [event_id(r) for r in got] == [first, *after]
     assert wait_for("a reconnect", lambda: s.snapshot().connects > connects)
-    [(new_pid,)] = wait_for("a new LISTEN backend", lambda: s.rows(listen_sql))
-    assert new_pid != old_pid
+    wait_for("a new LISTEN backend", lambda: s.rows(listen_sql) and old_pid not in [pid for pid, in s.rows(listen_sql)])
     later = s.emit("after.reconnect")  # and NOTIFY works on the new connection
     wait_for("an event after the reconnect", arrived(receiver, [later]))
 
@@ -395,7 +394,9 @@ def test_sidecar_killed_mid_delivery_and_restarted_loses_nothing(
         ids = [row[0] for row in direct.execute(
             "SELECT pgsidecar_emit('job.done', jsonb_build_object('n', g)) FROM generate_series(1, 40) AS g")]
     wait_for("a few deliveries", lambda: len(receiver.accepted()) >= 10)
+    receiver.delay = 1.0  # hold the request in flight, so the kill lands mid-delivery
     first.kill()
+    receiver.delay = 0.02
     with connect() as direct:
         states = dict(direct.execute("SELECT state, count(*) FROM webhook_deliveries GROUP BY state").fetchall())
     # Killed mid-delivery: the first batch (8) was recorded before the 9th was sent; work was left.
