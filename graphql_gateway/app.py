@@ -5,8 +5,9 @@ asyncpg pool of at most ``graphql.max_sessions`` client sessions connected to th
 listen address, as the upstream DSN's user, with ``application_name=pgsidecar-graphql``. So every
 statement the gateway sends goes through the proxy's one backend pool (no second pool to
 PostgreSQL: the seed's "sits on the same pooled connections"), is timed in the proxy's query
-statistics and slow-query log like the app's, and may use the result cache. In transaction
-pooling mode an idle gateway session holds no server connection. The cost is one extra local hop
+statistics and slow-query log like the app's, and its reads carry the result cache's hint
+(``data.CACHE_HINT``). In transaction pooling mode an idle gateway session holds no server
+connection. The cost is one extra local hop
 per statement, paid once per relation per level thanks to the batch loaders (``data.py``).
 (With ``auth.users`` set, the upstream DSN's user must be one of them for the gateway to log in.)
 

@@ -45,6 +45,10 @@ COLUMNS: Mapping[str, tuple[str, ...]] = {
     "matches": ("id", "resume_id", "job_id", "match_score", "created_at"),
     "predictions": ("id", "resume_id", "job_id", "model_version", "predicted_score", "features", "created_at"),
 }
+#: Every gateway read may be served from the proxy's result cache (``cache.mode: hinted``, the
+#: default, caches hinted statements; ``all`` caches them anyway; ``off`` never), invalidated like the
+#: app's reads by the tables' triggers.
+CACHE_HINT = "/* pgsidecar:cache */"
 #: Comparison operators a filter may use (the SQL text of each).
 _OPERATORS = {"eq": "=", "ge": ">="}
 #: Orders a list may be sorted by: (SQL ORDER BY text, whether keyset on id applies).
@@ -130,7 +134,7 @@ class RequestData:
     def by_id(self, table: str) -> DataLoader[int, Row | None]:
         loader = self._by_id.get(table)
         if loader is None:
-            sql = f"SELECT {_columns(table)} FROM {table} WHERE id = ANY($1::text[]::bigint[])"
+            sql = f"{CACHE_HINT} SELECT {_columns(table)} FROM {table} WHERE id = ANY($1::text[]::bigint[])"
 
             async def load(ids: list[int]) -> list[Row | None]:
                 rows = {r["id"]: _row(table, r) for r in await self.fetch(sql, [str(i) for i in ids])}
@@ -150,7 +154,7 @@ class RequestData:
         terms, args = _conditions(filters, page, 1)
         where = f" WHERE {' AND '.join(terms)}" if terms else ""
         args.append(page.first)
-        sql = (f"SELECT {_columns(table)} FROM {table}{where} ORDER BY {ORDERS[page.order][0]} "
+        sql = (f"{CACHE_HINT} SELECT {_columns(table)} FROM {table}{where} ORDER BY {ORDERS[page.order][0]} "
                f"LIMIT ${len(args)}")
         return [_row(table, r) for r in await self.fetch(sql, *args)]
 
@@ -164,7 +168,7 @@ class RequestData:
             terms, args = _conditions(filters, page, 2)
             where = " AND ".join([f"{fk} = ANY($1::text[]::bigint[])", *terms])
             rank = len(args) + 2
-            sql = (f"SELECT {_columns(table)} FROM (SELECT {_columns(table)}, row_number() OVER "
+            sql = (f"{CACHE_HINT} SELECT {_columns(table)} FROM (SELECT {_columns(table)}, row_number() OVER "
                    f"(PARTITION BY {fk} ORDER BY {ORDERS[page.order][0]}) AS page_rank FROM {table} "
                    f"WHERE {where}) AS paged WHERE page_rank <= ${rank} ORDER BY {fk}, page_rank")
             fixed = (*args, page.first)

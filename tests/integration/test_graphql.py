@@ -229,6 +229,28 @@ def test_100_resumes_with_user_matches_and_jobs_take_four_statements(sidecar: Ru
         sample_value(scrape, "pgsidecar_graphql_operation_sql_statements_count", operation="Nested")
 
 
+def test_gateway_reads_use_the_proxys_result_cache_and_see_writes(sidecar: RunningAgent,
+                                                                  db: psycopg.Connection[Any]) -> None:
+    front = sidecar.proxy.server.cache_front
+    assert front is not None, "cache.mode is off by default?"
+
+    def hits() -> int:
+        return int(sidecar.proxy.run(lambda: front.snapshot().cache.hits))
+
+    query = "{ resume(id: 21) { title user { full_name } } }"
+
+    def repeat_is_served_from_the_cache() -> bool:
+        data_of(sidecar, query)  # stored once the cache's LISTEN connection is up (it starts lazily)
+        before = hits()
+        data_of(sidecar, query)
+        return hits() - before == 2  # the resume and its user
+
+    wait_for("the gateway's repeated reads to be cache hits", repeat_is_served_from_the_cache)
+    db.execute("UPDATE resumes SET title = 'Cache buster' WHERE id = 21")  # straight on the server: the trigger
+    wait_for("the write to invalidate the cached resume", lambda: data_of(sidecar, query)["resume"]["title"]
+             == "Cache buster")
+
+
 # ----------------------------------------------------------------------------- limits
 @pytest.mark.parametrize(("query", "variables", "limit", "words"), [
     ("{ resumes { matches { resume { matches { resume { matches { resume { matches { id } } } } } } } } }", None,
