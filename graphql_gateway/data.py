@@ -122,6 +122,7 @@ class RequestData:
         self.timeout = timeout
         self.statements = 0
         self._by_id: dict[str, DataLoader[int, Row | None]] = {}
+        self.loaded: dict[str, dict[int, Row | None]] = {}  # rows loaded by id so far, per table
         self._children: dict[tuple[Any, ...], DataLoader[int, list[Row]]] = {}
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -136,8 +137,12 @@ class RequestData:
         if loader is None:
             sql = f"{CACHE_HINT} SELECT {_columns(table)} FROM {table} WHERE id = ANY($1::text[]::bigint[])"
 
+            loaded = self.loaded.setdefault(table, {})
+
             async def load(ids: list[int]) -> list[Row | None]:
                 rows = {r["id"]: _row(table, r) for r in await self.fetch(sql, [str(i) for i in ids])}
+                for i in ids:
+                    loaded[i] = rows.get(i)
                 return [rows.get(i) for i in ids]
 
             loader = self._by_id[table] = DataLoader(load)
