@@ -883,7 +883,11 @@ def test_webhook_triggers_are_known_writes_not_a_reason_to_flush(proxy_factory: 
             assert one(conn, sql) == expected
         assert _delta(before, counters(proxy)) == {"hits": 3}
 
+        notified = proxy.run(lambda: _monitor(proxy).notifications)
         conn.execute("insert into watched values (2, 'b')")  # fires the webhook trigger
+        # The cache trigger's NOTIFY for "watched" follows the commit: once it is in, the reads
+        # below cannot race it (an eviction or a "stale" refusal of what they store).
+        wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) > notified)
         before = counters(proxy)
         assert one(conn, "select count(*) from other") == 1  # untouched: still a hit
         assert one(conn, "select count(*) from watched") == 2
