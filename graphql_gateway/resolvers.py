@@ -66,6 +66,14 @@ def _page(info: GraphQLResolveInfo, first: int | None, after: Any, order: str = 
     return page
 
 
+async def _rows(info: GraphQLResolveInfo, table: str, page: Page, filters: list[Filter] | None = None) -> list[Row]:
+    """A top-level list, with the to-one relations its rows select loaded in one batch (``children``)."""
+    data = _ctx(info).data
+    rows = await data.rows(table, page, filters or ())
+    wanted = _parents_selected(info)
+    return await _with_parents(data, rows, wanted) if wanted else rows
+
+
 def _order(order: str | None) -> str:
     return (order or "ID").lower()
 
@@ -78,7 +86,7 @@ async def user(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
 async def users(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
                 email: str | None = None) -> list[Row]:
     filters = [Filter("email", "eq", email)] if email is not None else []
-    return await _ctx(info).data.rows("users", _page(info, first, after), filters)
+    return await _rows(info, "users", _page(info, first, after), filters)
 
 
 async def resume(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
@@ -88,7 +96,7 @@ async def resume(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
 async def resumes(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
                   user_id: Any = None) -> list[Row]:
     filters = [Filter("user_id", "eq", parse_id(user_id, "user_id"))] if user_id is not None else []
-    return await _ctx(info).data.rows("resumes", _page(info, first, after), filters)
+    return await _rows(info, "resumes", _page(info, first, after), filters)
 
 
 async def job(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
@@ -98,7 +106,7 @@ async def job(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
 async def jobs(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None,
                company_id: Any = None) -> list[Row]:
     filters = [Filter("company_id", "eq", parse_id(company_id, "company_id"))] if company_id is not None else []
-    return await _ctx(info).data.rows("jobs", _page(info, first, after), filters)
+    return await _rows(info, "jobs", _page(info, first, after), filters)
 
 
 async def company(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
@@ -106,7 +114,7 @@ async def company(_root: Any, info: GraphQLResolveInfo, id: Any) -> Row | None:
 
 
 async def companies(_root: Any, info: GraphQLResolveInfo, first: int | None = None, after: Any = None) -> list[Row]:
-    return await _ctx(info).data.rows("companies", _page(info, first, after))
+    return await _rows(info, "companies", _page(info, first, after))
 
 
 def _match_filters(min_score: float | None) -> list[Filter]:
@@ -116,13 +124,13 @@ def _match_filters(min_score: float | None) -> list[Filter]:
 async def matches(_root: Any, info: GraphQLResolveInfo, resume_id: Any, first: int | None = None,
                   after: Any = None, min_score: float | None = None, order: str | None = None) -> list[Row]:
     filters = [Filter("resume_id", "eq", parse_id(resume_id, "resume_id")), *_match_filters(min_score)]
-    return await _ctx(info).data.rows("matches", _page(info, first, after, _order(order)), filters)
+    return await _rows(info, "matches", _page(info, first, after, _order(order)), filters)
 
 
 async def predictions(_root: Any, info: GraphQLResolveInfo, resume_id: Any, first: int | None = None,
                       after: Any = None) -> list[Row]:
     filters = [Filter("resume_id", "eq", parse_id(resume_id, "resume_id"))]
-    return await _ctx(info).data.rows("predictions", _page(info, first, after), filters)
+    return await _rows(info, "predictions", _page(info, first, after), filters)
 
 
 # ----------------------------------------------------------------------------- relations
@@ -180,8 +188,9 @@ def children(table: str, fk: str, *, scored: bool = False) -> Callable[..., Any]
     return resolve
 
 
-async def _with_parents(data: RequestData, pending: Future[list[Row]], wanted: list[tuple[str, str]]) -> list[Row]:
-    rows = await pending
+async def _with_parents(data: RequestData, pending: Awaitable[list[Row]] | list[Row],
+                        wanted: list[tuple[str, str]]) -> list[Row]:
+    rows = pending if isinstance(pending, list) else await pending
     await asyncio.gather(*(data.get(t, row[fk]) for row in rows for t, fk in wanted if row[fk] is not None))
     return rows
 
