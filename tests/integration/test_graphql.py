@@ -251,6 +251,18 @@ def test_gateway_reads_use_the_proxys_result_cache_and_see_writes(sidecar: Runni
              == "Cache buster")
 
 
+def test_relations_behind_fragments_are_batched_too(sidecar: RunningAgent) -> None:
+    # a relation selected through fragments is not loaded ahead with its list (the resolver sees
+    # only direct fields) but through the loaders' futures: the same rows, the same statements
+    direct = data_of(sidecar, "{ resumes(first: 30) { id user { id } matches(first: 5) { id job { id } } } }")
+    before = gateway_statements(sidecar)
+    through = data_of(sidecar, """query { resumes(first: 30) { ...R } }
+        fragment R on Resume { id ... on Resume { user { id } } matches(first: 5) { id ...J } }
+        fragment J on Match { job { id } }""")
+    assert gateway_statements(sidecar) - before == 4
+    assert through == direct
+
+
 # ----------------------------------------------------------------------------- limits
 @pytest.mark.parametrize(("query", "variables", "limit", "words"), [
     ("{ resumes { matches { resume { matches { resume { matches { resume { matches { id } } } } } } } } }", None,
