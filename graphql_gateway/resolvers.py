@@ -1,6 +1,11 @@
 """Thin resolvers of the GraphQL gateway: turn arguments into a ``Page`` and filters, and ask the
 operation's ``RequestData`` (``graphql_gateway.data``) for rows. No SQL here.
 
+One habit for speed, not for SQL: a list field loads the to-one relations its rows select (a
+match's ``job``) as soon as the list arrives (``_with_parents``, one batch for all parents, the
+same statement the rows' own resolvers would cause), so those resolve synchronously from
+``RequestData.loaded``; graphql-core completes a row without pending futures about twice as fast.
+
 ``OperationContext`` is the ``context_value`` of every operation: the data access of this
 operation, the page-size settings and, for subscriptions, the change feed.
 """
@@ -47,10 +52,13 @@ def _ctx(info: GraphQLResolveInfo) -> OperationContext:
     return ctx
 
 
+BIGINT_MAX = 2**63 - 1
+
+
 def parse_id(value: Any, argument: str = "id") -> int:
     """An ``ID`` argument as the bigint it names; a GraphQL error when it is not one."""
     text = str(value)
-    if not text.isdigit() or len(text) > 19:
+    if not text.isdigit() or len(text) > 19 or int(text) > BIGINT_MAX:
         raise GraphQLError(f"{argument} must be a numeric id, got {text[:40]!r}")
     return int(text)
 

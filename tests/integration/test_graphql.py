@@ -155,6 +155,8 @@ def test_unknown_id_is_null_and_a_bad_id_is_an_error(sidecar: RunningAgent) -> N
     status, _, body = post(sidecar, '{ user(id: "seven") { id } }')
     assert status == 200 and body["data"] == {"user": None}
     assert body["errors"][0]["message"] == "id must be a numeric id, got 'seven'"
+    status, _, body = post(sidecar, '{ resumes(user_id: "9223372036854775808") { id } }')  # bigint max + 1
+    assert status == 200 and body["errors"][0]["message"] == "user_id must be a numeric id, got '9223372036854775808'"
 
 
 def test_arguments_are_bound_never_interpolated(sidecar: RunningAgent, db: psycopg.Connection[Any]) -> None:
