@@ -160,8 +160,10 @@ async def _run(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting_down")
-    await proxy.stop(grace=5.0)
+    # The agent first: the GraphQL gateway's sessions to the proxy, the webhook emitter and the
+    # view refresher close cleanly while the proxy still serves; then the proxy drains its clients.
     await runner.cleanup()
+    await proxy.stop(grace=5.0)
     if embedded is not None:
         await asyncio.to_thread(embedded.cleanup)
     return 0
