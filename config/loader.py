@@ -154,6 +154,7 @@ _RULES: dict[str, _Rule] = {
     "webhooks.concurrency": _int_at_least(1),
     "webhooks.batch_size": _int_at_least(1),
     "webhooks.max_payload_bytes": _int_at_least(1024),
+    "webhooks.retention_days": _number_at_least(0),
     "webhooks.deny_networks": _networks(),
     "graphql.max_depth": _int_at_least(1),
     "graphql.max_cost": _int_at_least(1),

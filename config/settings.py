@@ -132,6 +132,9 @@ class WebhookSettings:
     concurrency: int = 16
     # Deliveries fetched per endpoint per round.
     batch_size: int = 100
+    # Events older than this many days whose deliveries are all finished (delivered or dead) are
+    # deleted, with their delivery and attempt records; pending ones are never. 0 = keep forever.
+    retention_days: float = 7.0
     # Largest payload POST /api/webhooks/trigger accepts, in bytes.
     max_payload_bytes: int = 262144
     # Webhook targets that resolve into these networks are refused (link-local and cloud metadata).

@@ -48,6 +48,9 @@ UNORDERED_PARALLEL = 8
 # its lease for WORKER_LINGER_S in case the next event for its endpoint is already on its way.
 ROUND_GAP_S = 0.02
 WORKER_LINGER_S = 0.25
+# Retention (webhooks.retention_days): at most one pruning batch per PRUNE_INTERVAL_S.
+PRUNE_INTERVAL_S = 60.0
+PRUNE_BATCH = 5000
 
 _CLAIM_SQL = """
 WITH candidates AS (
@@ -117,6 +120,17 @@ JOIN public.webhook_events AS ev ON ev.id = d.event_id
 WHERE d.state = 'pending' AND e.active
 """
 _MAX_EVENT_SQL = "SELECT coalesce(max(id), 0) FROM public.webhook_events"
+# Old events whose deliveries are all finished; SKIP LOCKED so replicas prune different rows.
+_PRUNE_SQL = """
+WITH old AS (
+    SELECT ev.id FROM public.webhook_events AS ev
+    WHERE ev.created_at < now() - $1 * interval '1 day'
+      AND NOT EXISTS (SELECT 1 FROM public.webhook_deliveries AS d WHERE d.event_id = ev.id AND d.state = 'pending')
+    ORDER BY ev.id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM public.webhook_events AS ev USING old WHERE ev.id = old.id
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +148,7 @@ class WebhookSnapshot:
     pending: int | None  # deliveries waiting (active endpoints), None before the first reading
     oldest_pending_age_s: float | None
     endpoints_delivering: int
+    pruned: int  # old finished events deleted (webhooks.retention_days)
     notifications: int
     sweeps: int
     connects: int
@@ -199,6 +214,8 @@ class Emitter:
         self._news: asyncio.Future[None] | None = None  # resolved by the next notification
         self._lost = asyncio.Event()
         self._backlog_at = 0.0
+        self._pruned_at = 0.0
+        self.pruned = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -243,7 +260,8 @@ class Emitter:
             cumulative.append(total)
         return WebhookSnapshot(
             self.id, self.state, self.delivering, self.listening, dict(c.deliveries), c.attempts, tuple(cumulative),
-            c.latency_sum_s, self.pending, self.oldest_pending_age_s, len(self._workers), self.notifications,
+            c.latency_sum_s, self.pending, self.oldest_pending_age_s, len(self._workers), self.pruned,
+            self.notifications,
             self.sweeps, self.connects, self.last_error,
         )
 
@@ -389,12 +407,26 @@ class Emitter:
             self._backlog_at = now
             row = await self._pool.fetchrow(_BACKLOG_SQL, timeout=self.settings.timeout_s)
             self.pending, self.oldest_pending_age_s = int(row["pending"]), row["oldest"]
+        if self.settings.retention_days > 0 and now - self._pruned_at >= PRUNE_INTERVAL_S:
+            self._pruned_at = now
+            await self.prune()
         if not self.delivering:
             return sweep
         due = await self._pool.fetchval(_NEXT_DUE_SQL, timeout=self.settings.timeout_s)
         if due is None:
             return sweep
         return min(sweep, max(due, 0.01))
+
+    async def prune(self) -> int:
+        """Delete one batch of events past ``webhooks.retention_days`` whose deliveries all
+        finished (with their delivery and attempt records); returns how many."""
+        status = await self._pool.execute(_PRUNE_SQL, self.settings.retention_days, PRUNE_BATCH,
+                                          timeout=self.settings.timeout_s)
+        count = int(status.split()[-1])
+        if count:
+            self.pruned += count
+            log.info("webhook_events_pruned", extra={"events": count, "retention_days": self.settings.retention_days})
+        return count
 
     async def _claim(self) -> None:
         room = self.settings.concurrency - len(self._workers)

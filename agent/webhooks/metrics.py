@@ -11,6 +11,8 @@
   backlog, all replicas together: read from the tables every few seconds)
 - ``pgsidecar_webhook_oldest_pending_age_seconds``: age of the oldest waiting event (0 when none)
 - ``pgsidecar_webhook_endpoints_delivering``: endpoints this replica holds a lease on right now
+- ``pgsidecar_webhook_events_pruned_total``: old events whose deliveries all finished, deleted
+  after ``webhooks.retention_days``
 - ``pgsidecar_webhook_notifications_total``: NOTIFY wake-ups received
 - ``pgsidecar_webhook_listen_connects_total``: LISTEN connections opened (more than 1: reconnects)
 """
@@ -57,6 +59,8 @@ class WebhookCollector:
                                 value=float(snap.oldest_pending_age_s or 0.0))
         yield GaugeMetricFamily("pgsidecar_webhook_endpoints_delivering",
                                 "Webhook endpoints this replica holds a delivery lease on", value=snap.endpoints_delivering)
+        yield CounterMetricFamily("pgsidecar_webhook_events_pruned", "Old finished webhook events deleted "
+                                  "(webhooks.retention_days)", value=snap.pruned)
         yield CounterMetricFamily("pgsidecar_webhook_notifications", "NOTIFY wake-ups the webhook emitter received",
                                   value=snap.notifications)
         yield CounterMetricFamily("pgsidecar_webhook_listen_connects", "LISTEN connections the webhook emitter opened",

@@ -706,3 +706,32 @@ def test_matches_agrees_with_the_like_in_pgsidecar_emit(migrated: Any) -> None:
     assert in_python == in_sql, {"sql only": [(endpoints[e], events[v]) for e, v in in_sql - in_python],
                                  "python only": [(endpoints[e], events[v]) for e, v in in_python - in_sql]}
     assert len(in_sql) > len(EVENT_TYPES)  # the table is not trivially empty
+
+
+def test_old_finished_events_are_pruned_and_pending_ones_never(stack: Callable[..., Stack],
+                                                                  receiver: Receiver) -> None:
+    s = stack(webhooks__retention_days=1)
+    s.register(receiver.url, ["app.done"])
+    down = Receiver()
+    down.stop_listening()  # nothing listens there: its delivery stays pending
+    try:
+        s.register(down.url, ["app.waiting"])
+        done = [s.emit("app.done", {"n": n}) for n in range(2)]
+        waiting = s.emit("app.waiting", {"n": 3})
+        wait_for("the two finished deliveries", arrived(receiver, done))
+        wait_for("an attempt at the pending one", lambda: s.rows(
+            "SELECT attempts FROM webhook_deliveries WHERE event_id = %s AND attempts > 0", waiting) or None)
+        fresh = s.emit("app.done", {"n": 4})  # recent: kept however finished it is
+        wait_for("the recent one delivered", arrived(receiver, [fresh]))
+        with s.connect() as direct:
+            direct.execute("UPDATE webhook_events SET created_at = now() - interval '2 days' WHERE id <> %s", (fresh,))
+        assert s.proxy.call(s.emitter.prune()) == 2
+        kept = [r[0] for r in s.rows("SELECT id FROM webhook_events ORDER BY id")]
+        assert kept == [waiting, fresh]
+        assert s.rows("SELECT count(*) FROM webhook_deliveries WHERE event_id = ANY(%s)", done) == [(0,)]
+        assert s.rows("SELECT count(*) FROM webhook_attempts AS a JOIN webhook_deliveries AS d "
+                      "ON d.id = a.delivery_id WHERE d.event_id = %s", waiting)[0][0] >= 1
+        assert s.proxy.call(s.emitter.prune()) == 0
+        assert s.snapshot().pruned == 2
+    finally:
+        down.close()
