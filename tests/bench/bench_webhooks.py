@@ -207,6 +207,15 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
+def xact_commits(up: Upstream) -> int | None:
+    """Transactions committed in the bench database (every autocommit statement is one)."""
+    try:
+        with psycopg.connect(up.dsn(up.admin_db), autocommit=True, connect_timeout=10) as conn:
+            return conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (BENCH_DB,)).fetchone()[0]
+    except (psycopg.Error, TypeError):
+        return None
+
+
 def parse_gauge(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -232,18 +241,20 @@ async def poll(stop: asyncio.Event, http_port: int, receiver: Receiver | None, s
                     text = await r.text()
                 s["pending"] = parse_gauge(text, "pgsidecar_webhook_pending_deliveries")
                 s["oldest_age_s"] = parse_gauge(text, "pgsidecar_webhook_oldest_pending_age_seconds")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                s["loop_lag_s"] = parse_gauge(text, "pgsidecar_event_loop_lag_seconds")
+                s["notifications"] = parse_gauge(text, "pgsidecar_webhook_notifications_total")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 s["metrics_error"] = type(exc).__name__
             if receiver is not None:
                 try:
                     async with session.get(f"http://127.0.0.1:{receiver.port}/_count") as r:
                         s["received"] = (await r.json())["n"]
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     s["receiver_error"] = type(exc).__name__
             samples.append(s)
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 
@@ -349,6 +360,8 @@ def run_config(name: str, up: Upstream, source: Path, workdir: Path, args: argpa
             endpoint = {k: v for k, v in doc.items() if k != "secret"}
         result["endpoint"] = endpoint
         warmup_rows = args.connections * 5
+        time.sleep(1.0)  # backends report their counters to pg_stat_database when idle, at most once a second
+        xact0 = xact_commits(up)
         cpu0 = {"pgsidecar": sidecar.cpu_seconds(), "postgres": postgres_cpu_seconds(),
                 "receiver": receiver.cpu_seconds() if receiver else None}
         if args.profile_seconds and name in WEBHOOK_CONFIGS and shutil.which("py-spy"):
@@ -365,10 +378,16 @@ def run_config(name: str, up: Upstream, source: Path, workdir: Path, args: argpa
         cpu2 = {"pgsidecar": sidecar.cpu_seconds(), "postgres": postgres_cpu_seconds(),
                 "receiver": receiver.cpu_seconds() if receiver else None}
         arrivals = receiver.dump() if receiver else None
+        time.sleep(1.5)
+        xact1 = xact_commits(up)
         if profiler is not None:
             profiler.wait(timeout=args.profile_seconds + 60)
             result["profile_top"] = summarise_profile(Path(result["profile_raw"]))
         result.update(summarise(load, arrivals, warmup_rows, cpu0, cpu2))
+        if xact0 is not None and xact1 is not None and result["rows_committed"]:
+            # the inserts' own transactions included: 1.0 would be the inserts alone
+            result["server_xacts"] = xact1 - xact0
+            result["server_xacts_per_row"] = round((xact1 - xact0) / result["rows_committed"], 2)
         result["sidecar_alive"] = sidecar.alive()
         if not sidecar.alive():
             result["sidecar_stderr"] = sidecar.stderr_tail()
@@ -443,6 +462,9 @@ def summarise(load: dict[str, Any], arrivals: list[list[Any]] | None, warmup_row
     res["cpu_s_total"] = {k: delta(cpu0, cpu2, k) for k in cpu0}
     pend = [s["pending"] for s in load["samples"] if s.get("pending") is not None]
     res["metric_pending_max"] = int(max(pend)) if pend else None
+    lags = [s["loop_lag_s"] for s in load["samples"] if s.get("loop_lag_s") is not None]
+    res["event_loop_lag_ms"] = {"max": round(max(lags) * 1000, 1), "median": round(sorted(lags)[len(lags) // 2] * 1000, 1)} \
+        if lags else None
     res["samples"] = load["samples"]
     if arrivals is None:
         return res
@@ -532,12 +554,12 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "",
         "| configuration | offered/s | inserts/s | insert p50/p99 ms | delivered/s (load) | delivered/s (overall) "
         "| latency p50 ms | p95 ms | p99 ms | max ms | dup | missing | max backlog (exact / metric) | drain s "
-        "| pgsidecar CPU s | PostgreSQL CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pgsidecar CPU s | PostgreSQL CPU s | server xacts/row | loop lag max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {label(r)} | FAILED: {r['error'][:200]} |" + " |" * 14)
+            lines.append(f"| {label(r)} | FAILED: {r['error'][:200]} |" + " |" * 16)
             continue
         lat = r.get("latency_ms", {})
         ins = r["insert_ms"]
@@ -551,6 +573,7 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f"{fmt(r.get('backlog_max'))} / {fmt(r.get('metric_pending_max'))}" if wh else "–",
             (fmt(r.get("drain_s")) + ("" if r.get("drained") else " (timeout)")) if wh else "–",
             fmt(r["cpu_s_total"].get("pgsidecar")), fmt(r["cpu_s_total"].get("postgres")),
+            fmt(r.get("server_xacts_per_row")), fmt((r.get("event_loop_lag_ms") or {}).get("max")),
         ]) + " |")
     lines += [
         "",
@@ -561,7 +584,10 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "*max backlog exact*: most rows committed and not yet arrived at any commit instant; *metric*: highest "
         "`pgsidecar_webhook_pending_deliveries` polled once a second (the emitter refreshes it every ~5 s). "
         "*drain*: last arrival − end of load. CPU: user+system during load and drain (PostgreSQL: its live "
-        "processes). Nothing is asserted; everything shares the machine's cores.",
+        "processes). *server xacts/row*: transactions committed in the bench database (pg_stat_database) during "
+        "load and drain / rows inserted: 1.0 is the inserts alone, the rest is the emitter's queries. *loop lag*: "
+        "the agent's `pgsidecar_event_loop_lag_seconds` polled once a second (proxy and emitter share that loop). "
+        "Nothing is asserted; everything shares the machine's cores.",
         "",
     ]
     for r in results:
