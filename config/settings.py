@@ -112,7 +112,8 @@ class CacheSettings:
 
 @dataclass(frozen=True, slots=True)
 class WebhookSettings:
-    # Run the webhook emitter (it idles, saying why, until the webhook tables exist).
+    # Deliver webhooks (the emitter idles, saying why, until the webhook tables exist). False: no
+    # deliveries (events still queue; the change feed for GraphQL subscriptions still listens).
     enabled: bool = True
     # Database whose webhook tables the emitter serves; None = the upstream DSN's database.
     database: str | None = None

@@ -735,3 +735,16 @@ def test_old_finished_events_are_pruned_and_pending_ones_never(stack: Callable[.
         assert s.snapshot().pruned == 2
     finally:
         down.close()
+
+
+def test_delivery_off_queues_events_and_says_so(stack: Callable[..., Stack], receiver: Receiver) -> None:
+    s = stack(webhooks__enabled=False)
+    s.register(receiver.url, ["app.*"])
+    before = s.snapshot()
+    event = s.emit("app.queued", {"n": 1})
+    wait_for("the wake-up seen and a dispatcher round after it", lambda: (
+        (snap := s.snapshot()).notifications > before.notifications and snap.sweeps > before.sweeps + 1) or None)
+    assert s.rows("SELECT state, attempts FROM webhook_deliveries WHERE event_id = %s", event) == [("pending", 0)]
+    assert receiver.all() == []
+    status, doc = s.agent.json("GET", "/api/health/detailed")
+    assert doc["webhooks"]["status"] == "off" and "webhooks.enabled: false" in doc["webhooks"]["message"]
