@@ -37,6 +37,7 @@ from config.settings import GraphQLSettings
 from proxy.listener import ProxyServer
 
 from .data import RequestData
+from .executor import RowExecutionContext
 from .limits import limits_rule
 from .metrics import GatewayStats
 from .resolvers import OperationContext
@@ -231,7 +232,7 @@ class Gateway:
             async with asyncio.timeout(self.settings.query_timeout_s):
                 result = execute(self.schema, prepared.document, context_value=context,
                                  variable_values=prepared.variables, operation_name=prepared.name,
-                                 is_awaitable=_is_awaitable)
+                                 is_awaitable=_is_awaitable, execution_context_class=RowExecutionContext)
                 if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                     result = await result
         except TimeoutError:

@@ -157,12 +157,15 @@ def one_run(sidecar: PgSidecar, clients: int, duration: float, resumes: int, see
     url = f"http://127.0.0.1:{sidecar.http_port}/graphql"
     calls_before = gateway_calls(sidecar.http_port)
     own_before = gateway_statement_count(sidecar.http_port)
+    cpu_before = sidecar.cpu_seconds()
     result = asyncio.run(load(url, clients, duration, resumes, seed))
+    cpu_after = sidecar.cpu_seconds()
     calls = gateway_calls(sidecar.http_port) - calls_before
     own_after = gateway_statement_count(sidecar.http_port)
     lat = sorted(result["latencies"])
     answered = len(lat) + sum(result["failures"].values())
     own_ops = own_after[1] - own_before[1]
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     return {
         "clients": clients,
         "duration_s": result["elapsed"],
@@ -174,6 +177,8 @@ def one_run(sidecar: PgSidecar, clients: int, duration: float, resumes: int, see
         "p99_ms": percentile(lat, 0.99) * 1000,
         "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"),
         "proxy_statements": calls,
+        "sidecar_cpu_s": cpu,
+        "cpu_ms_per_request": cpu * 1000 / answered if cpu is not None and answered else float("nan"),
         "statements_per_request": calls / answered if answered else float("nan"),
         "gateway_statements_per_request": (own_after[0] - own_before[0]) / own_ops if own_ops else float("nan"),
     }
@@ -191,6 +196,7 @@ def summarise(runs: list[dict[str, Any]], clients_list: list[int]) -> list[dict[
             "p50_ms_median": statistics.median(r["p50_ms"] for r in mine),
             "p95_ms_median": statistics.median(r["p95_ms"] for r in mine),
             "p99_ms_median": statistics.median(r["p99_ms"] for r in mine),
+            "cpu_ms_per_request": statistics.median(r["cpu_ms_per_request"] for r in mine),
             "statements_per_request": statistics.median(r["statements_per_request"] for r in mine),
             "gateway_statements_per_request": statistics.median(r["gateway_statements_per_request"] for r in mine),
             "failures": sum(sum(r["failures"].values()) for r in mine),
@@ -208,12 +214,13 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{meta['duration_s']:g} s per client count; medians over rounds. Statements per request from the proxy's "
         "statistics (application_name pgsidecar-graphql), the gateway's own count beside it."),
         "",
-        "| clients | requests/s | p50 ms | p95 ms | p99 ms | SQL statements / request (proxy) | (gateway) | failures |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| clients | requests/s | p50 ms | p95 ms | p99 ms | sidecar CPU ms / request | SQL statements / request (proxy) "
+        "| (gateway) | failures |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['rps_median']:.1f} | {r['p50_ms_median']:.1f} | {r['p95_ms_median']:.1f} | "
-                     f"{r['p99_ms_median']:.1f} | {r['statements_per_request']:.2f} | "
+                     f"{r['p99_ms_median']:.1f} | {r['cpu_ms_per_request']:.2f} | {r['statements_per_request']:.2f} | "
                      f"{r['gateway_statements_per_request']:.2f} | {r['failures']} |")
     lines += ["", (f"Machine: {meta['machine']['cpus']} CPUs, load average {meta['load_start']} at start, "
               f"{meta['load_end']} at end; Python {meta['machine']['python']}.")]
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         sidecar = PgSidecar(Path(tmp), database=BENCH_DB)
         try:
             sidecar.start(up, pool_size=20)
-            log(f"warm-up {args.warmup:g} s")
+            log(f"pgsidecar pid {sidecar.pid} (py-spy record --pid {sidecar.pid} ...); warm-up {args.warmup:g} s")
             asyncio.run(load(f"http://127.0.0.1:{sidecar.http_port}/graphql", 4, args.warmup, resumes, 0))
             for round_no in range(args.rounds):
                 for clients in args.clients_list:
@@ -262,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     run["round"] = round_no
                     runs.append(run)
                     log(f"round {round_no + 1}, {clients} clients: {run['rps']:.1f} req/s, p95 {run['p95_ms']:.1f} ms, "
+                        f"sidecar CPU {run['cpu_ms_per_request']:.2f} ms/request, "
                         f"{run['statements_per_request']:.2f} statements/request, failures {run['failures']}")
         except KeyboardInterrupt:
             log("interrupted; writing partial results")
