@@ -13,7 +13,7 @@ setup(
         "aiohttp>=3.9",
         "asyncpg>=0.29",
         "prometheus-client>=0.20",
-        "graphql-core>=3.2,<3.4",
+        "graphql-core>=3.2,<3.3",  # graphql_gateway uses 3.2 APIs (3.3 changed get_variable_values)
         "aiodataloader>=0.4",  # the GraphQL gateway's batch loaders
         "sqlparse>=0.5",
         "pyyaml>=6",

@@ -896,17 +896,22 @@ class ClientSession(asyncio.Protocol):
             log.debug("client_pinned", extra={"reason": reason, "client": self.peer, "user": self.user})
 
     # ------------------------------------------------------------------ called by ServerConnection
-    def server_ready(self, status: int) -> None:
+    def server_ready(self, status: int, idle_seen: bool = False) -> None:
+        """The server answered up to a ReadyForQuery with ``status``. ``idle_seen``: an earlier
+        ReadyForQuery in the same read said 'I' (a pipelined autocommit statement committed ahead
+        of a BEGIN whose transaction is still open): its writes are committed too."""
         server = self.server
         if self._front is not None:
             fill = self._fill
             if fill is not None:
                 self._fill = None
                 self._front.finish(fill, status)
-            if status == _IDLE:
+            if status == _IDLE or idle_seen:
                 if self._written or self._flush or self._ddl or (self._unnoted and self._front.fills):
-                    self._commit(server is None or not server.pending)
-                else:
+                    # Final only when no transaction stays open and nothing is outstanding:
+                    # otherwise evict now and keep the marks until the transaction ends.
+                    self._commit(status == _IDLE and (server is None or not server.pending))
+                elif status == _IDLE:
                     self._unnoted = False  # nothing was ever cached meanwhile: nothing to invalidate
         if server is None or server.pending:
             return

@@ -74,6 +74,9 @@ READ_ONLY_PARAMS = frozenset(
 )
 
 
+_IDLE = ord("I")
+
+
 def tag_rows(buf: bytes | bytearray, pos: int, end: int) -> int:
     """Rows in the CommandComplete message at ``buf[pos:end]`` ("SELECT 5", "INSERT 0 3", ...)."""
     return pq.rows_in_tag(buf[pos + 5 : end - 1])
@@ -115,7 +118,7 @@ class Attached(Protocol):
 
     def write(self, data: bytes) -> None: ...
     def server_error(self, fields: dict[str, str]) -> None: ...
-    def server_ready(self, status: int) -> None: ...
+    def server_ready(self, status: int, idle_seen: bool = False) -> None: ...
     def server_param(self, name: str, value: str) -> None: ...
     def server_lost(self) -> None: ...
     def statement_stale(self, name: bytes) -> None: ...
@@ -469,6 +472,7 @@ class ServerConnection(asyncio.Protocol):
         out: list[bytes] = []
         run = -1  # start of the current run of bytes to forward to the client
         ready = False
+        idle_seen = False  # a ReadyForQuery of the client's said 'I' (pipelined: not the last one)
         unpack = _LEN.unpack_from
         head = pending[0] if pending else None
         forward = client is not None and (head is None or head.action == FORWARD)
@@ -552,6 +556,7 @@ class ServerConnection(asyncio.Protocol):
                         self.prepared.discard(head.data)
                 elif t == _Z:
                     ready = True
+                    idle_seen = idle_seen or self.txn == _IDLE
                     if measure:
                         rows = self.rows if self.tags else self.data_rows
                         self.rows = self.tags = self.data_rows = 0
@@ -574,7 +579,7 @@ class ServerConnection(asyncio.Protocol):
             if out:
                 client.write(out[0] if len(out) == 1 else b"".join(out))
             if ready:
-                client.server_ready(self.txn)
+                client.server_ready(self.txn, idle_seen)
         if not pending:
             self.last_used = time.monotonic()
             self.plain = True
