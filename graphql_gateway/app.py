@@ -60,8 +60,10 @@ def _media_type(request: web.Request) -> str:
 
 def _respond(request: web.Request, body: dict[str, Any], status: int,
              headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body, default=str), content_type=_media_type(request),
-                        charset="utf-8", headers=headers)
+    # Compact separators: a nested answer is mostly punctuation, and the default ", " / ": " cost
+    # ~10 % more bytes and encoding time.
+    text = json.dumps(body, default=str, separators=(",", ":"))
+    return web.Response(status=status, text=text, content_type=_media_type(request), charset="utf-8", headers=headers)
 
 
 def _json_param(raw: Any, name: str, kind: type) -> Any:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from asyncio import Future
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,12 @@ class RequestData:
     def get(self, table: str, id_: int) -> Future[Row | None]:
         """The row of ``table`` with id ``id_`` (None when there is none), batched with the other gets."""
         return self.by_id(table).load(id_)
+
+    def get_missing(self, table: str, ids: Iterable[int | None]) -> list[Future[Row | None]]:
+        """Loads of the distinct ``ids`` of ``table`` not loaded yet (None ids skipped), batched like ``get``."""
+        loader = self.by_id(table)
+        loaded = self.loaded[table]
+        return [loader.load(i) for i in dict.fromkeys(ids) if i is not None and i not in loaded]
 
     # ------------------------------------------------------------------ lists
     async def rows(self, table: str, page: Page, filters: Sequence[Filter] = ()) -> list[Row]:

@@ -11,7 +11,6 @@ operation, the page-size settings and, for subscriptions, the change feed.
 """
 from __future__ import annotations
 
-import asyncio
 from asyncio import Future
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -199,7 +198,17 @@ def children(table: str, fk: str, *, scored: bool = False) -> Callable[..., Any]
 async def _with_parents(data: RequestData, pending: Awaitable[list[Row]] | list[Row],
                         wanted: list[tuple[str, str]]) -> list[Row]:
     rows = pending if isinstance(pending, list) else await pending
-    await asyncio.gather(*(data.get(t, row[fk]) for row in rows for t, fk in wanted if row[fk] is not None))
+    # One load per distinct id not loaded yet (the loaders batch them with the other lists' loads);
+    # they all resolve with the same batch, so awaiting them in turn costs no more than a gather.
+    futures = [f for table, fk in wanted for f in data.get_missing(table, (row[fk] for row in rows))]
+    try:
+        for future in futures:
+            await future
+    except BaseException:
+        for future in futures:  # retrieved, as gather would: no "exception was never retrieved" noise
+            if future.done() and not future.cancelled():
+                future.exception()
+        raise
     return rows
 
 
