@@ -38,7 +38,7 @@ from proxy.listener import ProxyServer
 
 from .data import RequestData
 from .executor import RowExecutionContext
-from .limits import limits_rule
+from .limits import check_limits
 from .metrics import GatewayStats
 from .resolvers import OperationContext
 from .schema import build_schema
@@ -214,7 +214,6 @@ class Gateway:
             if operation.operation == OperationType.SUBSCRIPTION:
                 return Rejected([GraphQLError("subscriptions run over WebSocket (graphql-transport-ws) at this path",
                                               operation, extensions={"code": "SUBSCRIPTION_OVER_HTTP"})], name)
-        errors = errors or validate(self.schema, document, [limits_rule(self.settings, variables)])
         if errors:
             return Rejected(errors, name)
         if operation is None:
@@ -224,6 +223,10 @@ class Gateway:
         coerced = get_variable_values(self.schema, operation.variable_definitions or (), dict(variables or {}))
         if isinstance(coerced, list):
             return Rejected(coerced, name)
+        # The limits see the coerced values, as the resolvers will (an Int variable sent as 500.0 is 500).
+        errors = check_limits(self.schema, document, self.settings, coerced)
+        if errors:
+            return Rejected(errors, name)
         return Prepared(document, operation, coerced, name)
 
     async def run(self, prepared: Prepared, context: OperationContext) -> tuple[ExecutionResult | None, bool]:

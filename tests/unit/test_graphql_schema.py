@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from graphql import GraphQLError, GraphQLObjectType, parse, validate
+from graphql import GraphQLError, GraphQLObjectType, OperationType, parse, validate
 
 from config.settings import GraphQLSettings
-from graphql_gateway.gateway import DocumentCache
+from graphql_gateway.gateway import DocumentCache, Gateway, Prepared, Rejected
 from graphql_gateway.limits import limits_rule
 from graphql_gateway.metrics import MAX_OPERATION_NAMES, GatewayStats
 from graphql_gateway.schema import SCHEMA_FILE, build_schema, printed
@@ -111,3 +111,27 @@ def test_a_document_too_deep_or_too_long_to_parse_is_a_syntax_error() -> None:
         "Syntax Error: the document is nested too deeply to parse (graphql.max_depth=8 applies anyway)")
     long = cache.get("{ " + "users { id } " * 10_000 + "}")
     assert isinstance(long, GraphQLError) and "more than 20000 tokens" in long.message
+
+
+def test_a_fragment_spread_many_times_is_measured_once_per_fragment() -> None:
+    # 30 fragments, each spreading the next twice: 2**29 spreads of the last. Walking every spread
+    # would take minutes on the proxy's event loop; its cost is still counted in full.
+    chain = " ".join(f"fragment F{i} on Query {{ ...F{i + 1} ...F{i + 1} }}" for i in range(29))
+    query = f"query {{ ...F0 }} {chain} fragment F29 on Query {{ resumes(first: 1) {{ id user {{ id }} }} }}"
+    assert _errors(query, max_depth=1) == [
+        "query depth 3 exceeds the maximum depth (graphql.max_depth=1)",
+        f"query cost {2 * 2**29} (estimated rows) exceeds the maximum cost (graphql.max_cost=50000)"]
+    # depth through nested fragments adds up as if they were written inline
+    assert _errors("query { ...A } fragment A on Query { resumes { ...B } } fragment B on Resume { user { id } }",
+                   max_depth=2) == ["query depth 3 exceeds the maximum depth (graphql.max_depth=2)"]
+
+
+def test_limits_see_an_int_variable_sent_as_a_whole_float() -> None:
+    # JSON has no integers: 500.0 is a valid Int for graphql-core's coercion, so the cost must count it
+    gateway = Gateway(GraphQLSettings(), None, 5.0)  # type: ignore[arg-type]  # no pool: nothing executes
+    query = "query($n: Int, $m: Int) { resumes(first: $n) { matches(first: $m) { job { id } } } }"
+    prepared = gateway.prepare(query, {"n": 500.0, "m": 500.0}, None, (OperationType.QUERY,))
+    assert isinstance(prepared, Rejected)
+    assert [e.message for e in prepared.errors] == [
+        "query cost 500500 (estimated rows) exceeds the maximum cost (graphql.max_cost=50000)"]
+    assert isinstance(gateway.prepare(query, {"n": 10.0, "m": 5}, None, (OperationType.QUERY,)), Prepared)
