@@ -21,10 +21,15 @@ import asyncpg
 from graphql import (
     DocumentNode,
     ExecutionResult,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
     GraphQLError,
     GraphQLSchema,
+    InlineFragmentNode,
     OperationDefinitionNode,
     OperationType,
+    SelectionSetNode,
     execute,
     get_operation_ast,
     parse,
@@ -110,6 +115,31 @@ def _is_awaitable(value: Any) -> bool:
     return isinstance(value, (CoroutineType, asyncio.Future))
 
 
+def expanded_selections(document: DocumentNode) -> int:
+    """How many selections the document's operations have with their fragment spreads written out
+    (each fragment counted once, then multiplied by its spreads: linear in the document's size)."""
+    fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+    sizes: dict[str, int] = {}
+
+    def size(selection_set: SelectionSetNode | None) -> int:
+        total = 0
+        for selection in selection_set.selections if selection_set is not None else ():
+            if isinstance(selection, FieldNode):
+                total += 1 + size(selection.selection_set)
+            elif isinstance(selection, InlineFragmentNode):
+                total += size(selection.selection_set)
+            elif isinstance(selection, FragmentSpreadNode):
+                name = selection.name.value
+                if name not in sizes:
+                    sizes[name] = 0  # while measured: a cycle counts nothing (NoFragmentCycles reports it)
+                    fragment = fragments.get(name)
+                    sizes[name] = size(fragment.selection_set) if fragment is not None else 0
+                total += sizes[name]
+        return total
+
+    return sum(size(d.selection_set) for d in document.definitions if isinstance(d, OperationDefinitionNode))
+
+
 class DocumentCache:
     """Parsed documents and their errors under the specified validation rules, by query text (LRU).
 
@@ -119,6 +149,10 @@ class DocumentCache:
     MAX_ENTRIES = 512
     MAX_QUERY_CHARS = 20_000  # longer texts are parsed every time rather than held
     MAX_TOKENS = 20_000  # a document with more is refused by the parser (a syntax error)
+    # Selections with every fragment spread written out in full: graphql-core's validation rules
+    # (MaxIntrospectionDepthRule among them) walk every spread, which is exponential in a chain of
+    # fragments spreading the next twice. GraphiQL's introspection query has ~230.
+    MAX_SELECTIONS = 10_000
 
     def __init__(self, schema: GraphQLSchema, max_depth: int) -> None:
         self.schema = schema
@@ -139,7 +173,13 @@ class DocumentCache:
             entry = GraphQLError(f"Syntax Error: the document is nested too deeply to parse "
                                  f"(graphql.max_depth={self.max_depth} applies anyway)")
         else:
-            entry = (document, validate(self.schema, document, specified_rules))
+            expanded = expanded_selections(document)
+            if expanded > self.MAX_SELECTIONS:
+                entry = (document, [GraphQLError(
+                    f"the document expands to {min(expanded, 10**12)}{'+' if expanded > 10**12 else ''} selections "
+                    f"through its fragments, more than {self.MAX_SELECTIONS}", extensions={"code": "TOO_COMPLEX"})])
+            else:
+                entry = (document, validate(self.schema, document, specified_rules))
         if len(query) <= self.MAX_QUERY_CHARS:
             self._entries[query] = entry
             if len(self._entries) > self.MAX_ENTRIES:

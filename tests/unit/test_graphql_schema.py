@@ -1,11 +1,18 @@
 """The GraphQL gateway without a database: the printed schema against the checked-in one, the
-descriptions, the limits rule's arithmetic and the metrics' bounded labels."""
+descriptions, the limits rule's arithmetic, the document bounds and the metrics' bounded labels."""
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from graphql import GraphQLError, GraphQLObjectType, OperationType, parse, validate
+from graphql import (
+    GraphQLError,
+    GraphQLObjectType,
+    OperationType,
+    get_introspection_query,
+    parse,
+    validate,
+)
 
 from config.settings import GraphQLSettings
 from graphql_gateway.gateway import DocumentCache, Gateway, Prepared, Rejected
@@ -135,3 +142,17 @@ def test_limits_see_an_int_variable_sent_as_a_whole_float() -> None:
     assert [e.message for e in prepared.errors] == [
         "query cost 500500 (estimated rows) exceeds the maximum cost (graphql.max_cost=50000)"]
     assert isinstance(gateway.prepare(query, {"n": 10.0, "m": 5}, None, (OperationType.QUERY,)), Prepared)
+
+
+def test_a_document_whose_fragments_expand_too_far_is_refused_before_validation() -> None:
+    # graphql-core's MaxIntrospectionDepthRule walks every spread: 2**29 walks for this document
+    chain = " ".join(f"fragment F{i} on __Schema {{ ...F{i + 1} ...F{i + 1} }}" for i in range(29))
+    cache = DocumentCache(build_schema(), max_depth=8)
+    entry = cache.get(f"query {{ __schema {{ ...F0 }} }} {chain} fragment F29 on __Schema {{ description }}")
+    assert not isinstance(entry, GraphQLError)
+    assert [(e.message, e.extensions) for e in entry[1]] == [
+        (f"the document expands to {1 + 2**29} selections through its fragments, more than 10000",
+         {"code": "TOO_COMPLEX"})]
+    # GraphiQL's own introspection query is far below the bound
+    introspection = cache.get(get_introspection_query(descriptions=True))
+    assert not isinstance(introspection, GraphQLError) and introspection[1] == []
