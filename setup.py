@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Observability sidecar and PostgreSQL wire-protocol pooling proxy",
     python_requires=">=3.11",
-    packages=["agent", "proxy", "config", "graphql_gateway", "migrations", "migrations.versions"],
+    packages=["agent", "agent.webhooks", "proxy", "config", "graphql_gateway", "migrations", "migrations.versions"],
     package_data={"config": ["*.yaml", "*.yml"], "migrations": ["script.py.mako"],
                   "graphql_gateway": ["schema.graphql", "static/*"]},
     install_requires=[
