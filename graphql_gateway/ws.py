@@ -54,7 +54,7 @@ class Session:
     async def handle(self, text: str) -> None:
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than the parser recurses
             message = None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             await self.close(4400, "Invalid message received")
@@ -119,7 +119,11 @@ class Session:
             await self.send({"type": "error", "id": op_id, "payload": [
                 {"message": "internal error in the GraphQL gateway (logged)"}]})
         finally:
-            self.operations.pop(op_id, None)
+            # Only this task's own entry: after a ``complete`` the client may reuse the id at once,
+            # before this clean-up runs (a cancelled statement takes a round trip), and removing the
+            # new operation's entry would leave it running and subscribed after the socket closes.
+            if self.operations.get(op_id) is asyncio.current_task():
+                del self.operations[op_id]
 
     async def _stream(self, op_id: str, prepared: Any) -> None:
         gateway = self.gateway

@@ -365,8 +365,14 @@ def test_request_errors_are_200_as_json_and_400_as_graphql_response(sidecar: Run
     ("GET", "/graphql", None, None, 400, 'no query: send {"query": "..."} (a non-empty string)'),
     ("GET", "/graphql?query=mutation%20%7B%20users%20%7B%20id%20%7D%20%7D", None, None, 405,
      "GET only runs queries; use POST"),
+    # nested deeper than the JSON parser recurses: a RecursionError, not a ValueError
+    ("POST", "/graphql", b'{"query": "{ users { id } }", "variables": {"v": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}",
+     "application/json", 400, "the body is not valid JSON"),
+    ("GET", "/graphql?query=%7B%20users%20%7B%20id%20%7D%20%7D&variables=" + "[" * 3000 + "]" * 3000,
+     None, None, 400, "variables is not valid JSON"),
 ], ids=["bad-json", "batch", "not-object", "no-query", "query-not-string", "variables-not-object",
-        "operation-name-not-string", "content-type", "get-bad-variables", "get-no-query", "get-mutation"])
+        "operation-name-not-string", "content-type", "get-bad-variables", "get-no-query", "get-mutation",
+        "deep-json", "get-deep-variables"])
 def test_malformed_requests_are_4xx_graphql_errors(sidecar: RunningAgent, method: str, path: str, body: bytes | None,
                                                    content_type: str | None, status: int, message: str) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
@@ -476,9 +482,11 @@ ACK = {"type": "connection_ack"}
     ([{"type": "subscribe", "id": "early", "payload": {"query": "{ job(id: 2) { id } }"}}], 0, [], 4401),
     ([INIT, INIT], 1, [ACK], 4429),
     (["not json"], 0, [], 4400),
+    (["[" * 100_000 + "]" * 100_000], 0, [], 4400),
     ([INIT, {"type": "subscribe", "id": "s", "payload": {"query": "subscription { matchCreated { id } }"}},
       {"type": "subscribe", "id": "s", "payload": {"query": "subscription { matchCreated { id } }"}}], 1, [ACK], 4409),
-], ids=["query", "invalid", "bad-table", "subscribe-before-init", "init-twice", "not-json", "duplicate-id"])
+], ids=["query", "invalid", "bad-table", "subscribe-before-init", "init-twice", "not-json", "deep-json",
+        "duplicate-id"])
 def test_graphql_transport_ws_protocol(sidecar: RunningAgent, sends: list[Any], replies: int, expected: list[Any],
                                        close_code: int | None) -> None:
     url = sidecar.url.replace("http://", "ws://") + "/graphql"
@@ -489,3 +497,34 @@ def test_graphql_transport_ws_protocol(sidecar: RunningAgent, sends: list[Any], 
 def test_websocket_without_the_subprotocol_is_closed_4406(sidecar: RunningAgent) -> None:
     url = sidecar.url.replace("http://", "ws://") + "/graphql"
     assert asyncio.run(_ws_exchange(url, [INIT], 0, until_close=True, protocols=())) == ([], 4406)
+
+
+async def _reuse_an_id_then_close(url: str, agent: RunningAgent, db: psycopg.Connection[Any]) -> None:
+    """Complete a query that waits for a lock and at once subscribe under its id, then close the socket."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, protocols=("graphql-transport-ws",)) as ws:
+        await ws.send_json(INIT)
+        assert (await ws.receive_json(timeout=10)) == ACK
+        await ws.send_json({"type": "subscribe", "id": "x", "payload": {"query": "{ companies { id } }"}})
+        await asyncio.to_thread(wait_for, "the query to wait for the lock", lambda: db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone() == (1,))
+        # its task's clean-up (cancelling the statement, releasing the session) outlives this subscribe
+        await ws.send_json({"type": "complete", "id": "x"})
+        await ws.send_json({"type": "subscribe", "id": "x", "payload": {
+            "query": "subscription { rowChanged(table: \"users\") { op } }"}})
+        await asyncio.to_thread(wait_for, "the subscription to be live", lambda: agent.proxy.run(
+            lambda: agent.runner.app[keys.GRAPHQL].stats.subscriptions) == 1)
+    # the socket is closed: nothing may stay subscribed to the change feed
+
+
+def test_a_closed_socket_leaves_no_subscription_even_after_an_id_was_reused(sidecar: RunningAgent,
+                                                                            recruiter_dsn: str) -> None:
+    emitter = sidecar.runner.app[keys.WEBHOOKS]
+    assert sidecar.proxy.call(emitter.wait_ready(20))
+    feed = sidecar.runner.app[keys.CHANGE_FEED]
+    url = sidecar.url.replace("http://", "ws://") + "/graphql"
+    with psycopg.connect(recruiter_dsn) as locker, psycopg.connect(recruiter_dsn, autocommit=True) as witness:
+        locker.execute("LOCK TABLE companies IN ACCESS EXCLUSIVE MODE")
+        asyncio.run(_reuse_an_id_then_close(url, sidecar, witness))
+    wait_for("every subscription to end and leave the change feed", lambda: sidecar.proxy.run(
+        lambda: (sidecar.runner.app[keys.GRAPHQL].stats.subscriptions, feed.active)) == (0, False))
