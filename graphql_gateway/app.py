@@ -71,7 +71,7 @@ def _json_param(raw: Any, name: str, kind: type) -> Any:
     if isinstance(raw, str) and kind is dict:
         try:
             raw = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than the parser recurses
             raise BadRequest(f"{name} is not valid JSON") from None
     if raw is not None and not isinstance(raw, kind):
         raise BadRequest(f"{name} must be {'an object' if kind is dict else 'a string'}")
@@ -157,7 +157,7 @@ async def _http(request: web.Request) -> web.StreamResponse:
                 raise BadRequest(f"POST needs Content-Type: application/json, got {content_type or 'none'!r}", 415)
             try:
                 payload = await request.json()
-            except ValueError:
+            except (ValueError, RecursionError):  # nested deeper than the parser recurses
                 raise BadRequest("the body is not valid JSON") from None
             if isinstance(payload, list):
                 raise BadRequest("batched requests (a JSON array) are not supported: send one object")
