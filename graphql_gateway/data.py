@@ -23,7 +23,7 @@ order is offered, in that order with ``id`` as the tie-break).
 from __future__ import annotations
 
 import json
-from asyncio import Future
+from asyncio import Future, Task, current_task
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,12 +124,30 @@ class RequestData:
         self._by_id: dict[str, DataLoader[int, Row | None]] = {}
         self.loaded: dict[str, dict[int, Row | None]] = {}  # rows loaded by id so far, per table
         self._children: dict[tuple[Any, ...], DataLoader[int, list[Row]]] = {}
+        self._fetching: set[Task[Any]] = set()  # tasks in ``fetch`` now
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run one statement on a client session of the gateway's pool (through the proxy)."""
         self.statements += 1
-        async with self.pool.acquire() as conn:
-            return await conn.fetch(sql, *args, timeout=self.timeout)
+        task = current_task()
+        if task is not None:
+            self._fetching.add(task)
+        try:
+            async with self.pool.acquire() as conn:
+                return await conn.fetch(sql, *args, timeout=self.timeout)
+        finally:
+            self._fetching.discard(task)  # type: ignore[arg-type]
+
+    def cancel(self) -> None:
+        """Cancel the statements still running for this operation.
+
+        The loaders run their batches in tasks of their own (``aiodataloader`` starts one per
+        batch), which cancelling the operation does not reach: without this, a relation's statement
+        of an operation that timed out (or whose result nobody awaits any more) would go on holding
+        a gateway session and a server connection, however long it ran."""
+        for task in list(self._fetching):
+            if task is not current_task():
+                task.cancel()
 
     # ------------------------------------------------------------------ by id
     def by_id(self, table: str) -> DataLoader[int, Row | None]:

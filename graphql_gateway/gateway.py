@@ -280,6 +280,10 @@ class Gateway:
                     result = await result
         except TimeoutError:
             return None, True
+        finally:
+            # A timeout cancels what execute() awaits, not the loaders' batch tasks; and a field error
+            # that nulls a parent returns while its siblings' statements may still run.
+            context.data.cancel()
         assert isinstance(result, ExecutionResult)
         return result, False
 

@@ -315,6 +315,27 @@ def test_query_timeout_cancels_the_statement(proxy_factory: Any, recruiter_dsn: 
         agent.stop()
 
 
+def test_query_timeout_cancels_the_statements_of_relations_too(proxy_factory: Any, recruiter_dsn: str,
+                                                               db: psycopg.Connection[Any]) -> None:
+    # a relation's statement runs in a batch task of the loaders, not in the operation's own tasks
+    proxy = proxy_factory(upstream_dsn=recruiter_dsn, graphql__query_timeout_s=0.5)
+    agent = RunningAgent(proxy)
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+               "AND wait_event_type = 'Lock' AND application_name = 'pgsidecar-graphql'")
+    try:
+        with psycopg.connect(recruiter_dsn) as locker:
+            locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            for query in ("{ resumes(first: 2) { id user { id } } }",  # loaded ahead with the list
+                          "{ resumes(first: 2) { id ... on Resume { user { id } } } }"):  # each row's future
+                status, _, body = post(agent, query)
+                assert status == 200 and body["data"] is None
+                assert [e["extensions"]["code"] for e in body["errors"]] == ["QUERY_TIMEOUT"]
+                wait_for("the relation's statement to be cancelled", lambda: db.execute(waiting).fetchone() == (0,))
+        assert len(data_of(agent, "{ resumes(first: 2) { user { id } } }")["resumes"]) == 2
+    finally:
+        agent.stop()
+
+
 # ----------------------------------------------------------------------------- GraphQL over HTTP
 def test_get_with_a_query_string_runs_a_query(sidecar: RunningAgent) -> None:
     params = urllib.parse.urlencode({"query": "query J($id: ID!) { job(id: $id) { id } }",
