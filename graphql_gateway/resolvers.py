@@ -57,7 +57,9 @@ BIGINT_MAX = 2**63 - 1
 def parse_id(value: Any, argument: str = "id") -> int:
     """An ``ID`` argument as the bigint it names; a GraphQL error when it is not one."""
     text = str(value)
-    if not text.isdigit() or len(text) > 19 or int(text) > BIGINT_MAX:
+    # ASCII digits only: str.isdigit() is also true for "²" (which int() refuses: an internal
+    # error) and "١٢" (which int() reads as 12)
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
         raise GraphQLError(f"{argument} must be a numeric id, got {text[:40]!r}")
     return int(text)
 

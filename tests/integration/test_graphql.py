@@ -157,6 +157,11 @@ def test_unknown_id_is_null_and_a_bad_id_is_an_error(sidecar: RunningAgent) -> N
     assert body["errors"][0]["message"] == "id must be a numeric id, got 'seven'"
     status, _, body = post(sidecar, '{ resumes(user_id: "9223372036854775808") { id } }')  # bigint max + 1
     assert status == 200 and body["errors"][0]["message"] == "user_id must be a numeric id, got '9223372036854775808'"
+    for not_ascii in ("²", "١٢"):  # str.isdigit() says yes to both
+        status, _, body = post(sidecar, "query($id: ID!) { job(id: $id) { id } }", {"id": not_ascii})
+        assert status == 200 and body["data"] == {"job": None}
+        assert [(e["message"], e.get("extensions")) for e in body["errors"]] == [
+            (f"id must be a numeric id, got {not_ascii!r}", None)]
 
 
 def test_arguments_are_bound_never_interpolated(sidecar: RunningAgent, db: psycopg.Connection[Any]) -> None:
