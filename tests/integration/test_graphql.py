@@ -337,6 +337,7 @@ def test_query_timeout_cancels_the_statements_of_relations_too(proxy_factory: An
                 assert [e["extensions"]["code"] for e in body["errors"]] == ["QUERY_TIMEOUT"]
                 wait_for("the relation's statement to be cancelled", lambda: db.execute(waiting).fetchone() == (0,))
         assert len(data_of(agent, "{ resumes(first: 2) { user { id } } }")["resumes"]) == 2
+        assert proxy.snapshot().clients.pinned == 0  # the cancelled sessions were not pinned either
     finally:
         agent.stop()
 
