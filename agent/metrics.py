@@ -58,6 +58,11 @@ The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
   ``pgsidecar_webhook_up``, ``pgsidecar_webhook_attempts_total{result}``,
   ``pgsidecar_webhook_deliveries_total{result}``, ``pgsidecar_webhook_delivery_duration_seconds``,
   ``pgsidecar_webhook_pending_deliveries``, ``pgsidecar_webhook_oldest_pending_age_seconds``, ...
+- GraphQL gateway (registered by ``graphql_gateway.app``, listed in ``graphql_gateway/metrics.py``):
+  ``pgsidecar_graphql_operations_total{operation,result}``,
+  ``pgsidecar_graphql_operation_duration_seconds{operation}``,
+  ``pgsidecar_graphql_operation_sql_statements{operation}``, ``pgsidecar_graphql_resolver_errors_total{kind}``,
+  ``pgsidecar_graphql_subscriptions``
 - materialized views (agent/views.py): ``pgsidecar_view_refresh_duration_seconds{view}``,
   ``pgsidecar_view_refreshes_total{view,result}``, ``pgsidecar_view_age_seconds{view}``
 - agent HTTP: ``pgsidecar_http_requests_total{method,endpoint,status}``,

@@ -287,8 +287,8 @@ class Workload:
     """Statements through the proxy from a thread until stopped: cache hits and misses, a write
     (invalidation), an error, and a statement over slow_query.threshold_ms."""
 
-    def __init__(self, proxy: RunningProxy, table: str) -> None:
-        self.proxy, self.table = proxy, table
+    def __init__(self, proxy: RunningProxy, table: str, agent_url: str | None = None) -> None:
+        self.proxy, self.table, self.agent_url = proxy, table, agent_url
         self.stop_event = threading.Event()
         self.rounds = 0
         self.error: BaseException | None = None
@@ -302,10 +302,20 @@ class Workload:
         if self.rounds % 5 == 0:
             conn.execute(f"update {t} set v = 'two' where id = 2")
             conn.execute("select pgsidecar_emit('prom_stack.tick', '{}')")  # a webhook delivery
+            self.graphql()
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("select 1/0")
         conn.execute("select pg_sleep(0.003)")
         self.rounds += 1
+
+    def graphql(self) -> None:
+        """One GraphQL operation on the agent (its gateway reads through this same proxy)."""
+        assert self.agent_url, "the workload needs the agent's URL for its GraphQL operation"
+        req = urllib.request.Request(f"{self.agent_url}/graphql", method="POST",
+                                     data=json.dumps({"query": "query Tick { users(first: 1) { id } }"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200 and "errors" not in json.loads(resp.read())
 
     def _run(self) -> None:
         try:
@@ -395,7 +405,7 @@ def _catalogue(agent: RunningAgent) -> set[str]:
 
 def test_every_metric_the_rules_and_dashboard_use_is_in_the_agents_catalogue(agent: RunningAgent,
                                                                              table: str) -> None:
-    workload = Workload(agent.proxy, table)
+    workload = Workload(agent.proxy, table, agent.url)
     with _connect(agent.proxy) as conn:
         for _ in range(2):
             workload.one_round(conn)
@@ -477,7 +487,7 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_every_rule_and_panel(ag
     workdir = Path(tempfile.mkdtemp(prefix="pgsidecar-prometheus-"))
     prometheus = Prometheus(agent.port, workdir)
     try:
-        with Workload(agent.proxy, table) as workload:
+        with Workload(agent.proxy, table, agent.url) as workload:
             wait_for("prometheus ready", prometheus.ready)
             wait_for("the agent's target up", lambda: [
                 r for r in prometheus.query(f'up{{job="{JOB}"}}') if r["value"][1] == "1"])
@@ -488,6 +498,8 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_every_rule_and_panel(ag
                 'sum(rate(pgsidecar_cache_requests_total{result=~"hit|miss"}[1m])) > 0')))
             wait_for("a positive webhook delivery rate", lambda: _finite(prometheus.query(
                 'sum(rate(pgsidecar_webhook_attempts_total{result="delivered"}[1m])) > 0')))
+            wait_for("a positive GraphQL operation rate", lambda: _finite(prometheus.query(
+                'sum(rate(pgsidecar_graphql_operations_total{result="ok"}[1m])) > 0')))
 
             # Every rule's expression parses and runs; each value-producing part returns data.
             empty = []

@@ -183,7 +183,8 @@ def test_the_issues_panels_are_there(dashboard: dict[str, Any]) -> None:
     titles = " | ".join(p["title"].lower() for p in _panels(dashboard))
     for title in ("request rate", "error rate", "p95", "query count by kind", "cache hit ratio",
                   "active connections", "pool waiting clients", "checkout wait", "slow queries",
-                  "event-loop lag", "memory", "webhook attempts", "webhook backlog", "webhook delivery latency"):
+                  "event-loop lag", "memory", "webhook attempts", "webhook backlog", "webhook delivery latency",
+                  "graphql operations", "graphql latency", "graphql sql statements per operation"):
         assert title in titles, title
     assert "histogram_quantile(0.95, sum by (le) (rate(pgsidecar_query_duration_seconds_bucket" in exprs
     assert "pgsidecar_pool_checkout_wait_seconds_bucket" in exprs
