@@ -143,8 +143,13 @@ class RowExecutionContext(ExecutionContext):
 
     @staticmethod
     async def _gather_fields(results: dict[str, Any], awaitable_fields: list[str]) -> dict[str, Any]:
-        """As ``ExecutionContext.execute_fields``' ``get_results``."""
-        results.update(zip(awaitable_fields, await gather(*(results[f] for f in awaitable_fields))))
+        """As ``ExecutionContext.execute_fields``' ``get_results``; one awaitable (a resume's
+        ``matches``, say) is awaited as is rather than wrapped in a task by ``gather``."""
+        if len(awaitable_fields) == 1:
+            name = awaitable_fields[0]
+            results[name] = await results[name]
+        else:
+            results.update(zip(awaitable_fields, await gather(*(results[f] for f in awaitable_fields))))
         return results
 
     def _complete_row(self, parent_type: GraphQLObjectType, field_nodes: list[FieldNode], path: Path,
