@@ -43,6 +43,7 @@ class OperationContext:
 
     def renew(self) -> None:
         """Fresh loaders (for the next event of a subscription: no rows cached from the last)."""
+        self.data.cancel()  # what the last event left running (a sibling of a field that failed)
         self.data = self.new_data()
 
 

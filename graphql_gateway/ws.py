@@ -129,7 +129,8 @@ class Session:
         gateway = self.gateway
         if gateway.pool is None:
             await gateway.start()
-        stream = await subscribe(gateway.schema, prepared.document, context_value=gateway.context(),
+        context = gateway.context()
+        stream = await subscribe(gateway.schema, prepared.document, context_value=context,
                                  variable_values=prepared.variables, operation_name=prepared.name)
         if isinstance(stream, ExecutionResult):  # refused at subscribe time (a bad argument, no feed)
             await self.send({"type": "error", "id": op_id,
@@ -148,6 +149,7 @@ class Session:
             await self.send({"type": "complete", "id": op_id})
         finally:
             gateway.stats.subscriptions -= 1
+            context.data.cancel()  # an event's statements still running in the loaders' batch tasks
             await stream.aclose()  # type: ignore[attr-defined]
 
     def stop(self) -> None:

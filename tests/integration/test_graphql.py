@@ -555,3 +555,35 @@ def test_a_closed_socket_leaves_no_subscription_even_after_an_id_was_reused(side
         asyncio.run(_reuse_an_id_then_close(url, sidecar, witness))
     wait_for("every subscription to end and leave the change feed", lambda: sidecar.proxy.run(
         lambda: (sidecar.runner.app[keys.GRAPHQL].stats.subscriptions, feed.active)) == (0, False))
+
+
+async def _subscribe_until_an_event_waits(url: str, agent: RunningAgent, db: psycopg.Connection[Any]) -> None:
+    """Subscribe, have an event's relation wait for a lock, then close the socket."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, protocols=("graphql-transport-ws",)) as ws:
+        await ws.send_json(INIT)
+        assert (await ws.receive_json(timeout=10)) == ACK
+        await ws.send_json({"type": "subscribe", "id": "w", "payload": {
+            "query": "subscription { matchCreated(resume_id: 11) { id resume { user { full_name } } } }"}})
+        await asyncio.to_thread(wait_for, "the subscription to be live", lambda: agent.proxy.run(
+            lambda: agent.runner.app[keys.GRAPHQL].stats.subscriptions) == 1)
+        await asyncio.to_thread(db.execute, "INSERT INTO matches (resume_id, job_id, match_score) VALUES (11, 4, 0.5)")
+        await asyncio.to_thread(wait_for, "the event's user to wait for the lock", lambda: db.execute(
+            GATEWAY_WAITING_FOR_A_LOCK).fetchone() == (1,))
+
+
+GATEWAY_WAITING_FOR_A_LOCK = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                              "AND wait_event_type = 'Lock' AND application_name = 'pgsidecar-graphql'")
+
+
+def test_closing_the_socket_cancels_the_statements_of_an_event_in_flight(sidecar: RunningAgent, recruiter_dsn: str,
+                                                                         db: psycopg.Connection[Any]) -> None:
+    emitter = sidecar.runner.app[keys.WEBHOOKS]
+    assert sidecar.proxy.call(emitter.wait_ready(20))
+    url = sidecar.url.replace("http://", "ws://") + "/graphql"
+    with psycopg.connect(recruiter_dsn) as locker:
+        locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # the insert's foreign keys do not need users
+        asyncio.run(_subscribe_until_an_event_waits(url, sidecar, db))
+        wait_for("the event's statement to be cancelled", lambda: db.execute(GATEWAY_WAITING_FOR_A_LOCK).fetchone()
+                 == (0,))
+    wait_for("the subscription to end", lambda: sidecar.proxy.run(
+        lambda: sidecar.runner.app[keys.GRAPHQL].stats.subscriptions) == 0)
