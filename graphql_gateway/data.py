@@ -8,7 +8,9 @@ gateway's asyncpg pool, whose client sessions are connected to the proxy itself 
   level of the query tree costs one statement per relation: children are fetched with
   ``fk = ANY($1)`` and cut to a page per parent with ``row_number() OVER (PARTITION BY fk)``,
   rows by id with ``id = ANY($1)``;
-- ``statements``: how many statements this operation sent (for the metrics and the tests).
+- ``statements``: how many statements this operation sent (for the metrics and the tests);
+- ``cancel()``: the statements still running when the operation ends (timeout, closed socket),
+  whichever task runs them.
 
 Id lists are bound as ``text[]`` and cast to ``bigint[]`` by the server: asyncpg has no built-in
 codec for ``bigint[]`` and would introspect the catalog for it on every new session, with a

@@ -1,7 +1,9 @@
 """``Gateway``: one GraphQL gateway's schema, settings, statistics and asyncpg pool to the proxy,
-and the transport-independent steps of an operation: ``prepare`` (parse, validate with the
-limits, coerce variables), ``execute`` (within the query timeout, timed and counted) and
-``formatted`` (client-safe errors). ``app.py`` (HTTP) and ``ws.py`` (WebSocket) call them.
+and the transport-independent steps of an operation: ``prepare`` (parse and validate, both cached
+per query text; coerce the variables; check the limits with the coerced values), ``execute``
+(with ``executor.RowExecutionContext``, within the query timeout, its statements cancelled when it
+ends, timed and counted) and ``formatted`` (client-safe errors). ``app.py`` (HTTP) and ``ws.py``
+(WebSocket) call them.
 
 Its pool is the loopback design described in ``graphql_gateway.app``: client sessions to the
 proxy's own listen address as the upstream DSN's user, ``application_name=pgsidecar-graphql``.

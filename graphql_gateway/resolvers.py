@@ -4,7 +4,9 @@ operation's ``RequestData`` (``graphql_gateway.data``) for rows. No SQL here.
 One habit for speed, not for SQL: a list field loads the to-one relations its rows select (a
 match's ``job``) as soon as the list arrives (``_with_parents``, one batch for all parents, the
 same statement the rows' own resolvers would cause), so those resolve synchronously from
-``RequestData.loaded``; graphql-core completes a row without pending futures about twice as fast.
+``RequestData.loaded``; graphql-core completes a row without pending futures about twice as fast,
+and ``executor.RowExecutionContext`` completes such a relation without calling its resolver at all
+(``parent`` marks its resolvers with the ``relation`` they read).
 
 ``OperationContext`` is the ``context_value`` of every operation: the data access of this
 operation, the page-size settings and, for subscriptions, the change feed.
