@@ -89,7 +89,9 @@ class RowExecutionContext(ExecutionContext):
                 return _Leaf(node.name.value, named.serialize, nullable)
             return None
         relation = getattr(field_def.resolve, "relation", None)
-        if relation is not None and isinstance(named, GraphQLObjectType) and named.is_type_of is None:
+        loaded = getattr(getattr(self.context_value, "data", None), "loaded", None)  # an OperationContext's
+        if relation is not None and isinstance(loaded, dict) and isinstance(named, GraphQLObjectType) \
+                and named.is_type_of is None:
             return _Parent(*relation)
         return None
 
