@@ -11,7 +11,9 @@ reports, each as a GraphQL error naming the setting:
   page size (``first``, else ``graphql.default_page_size``) for a list, times 1 otherwise; the
   operation's cost is the sum. ``resumes(first: 100) { matches(first: 20) { job { id } } }``
   costs 100 + 100*20 + 100*20 = 4100;
-- read-only: a mutation is refused (the schema has none; the error says why).
+- read-only: a mutation is refused (the schema has none; the error says why);
+- introspection: at most ``MAX_INTROSPECTION_FIELDS`` ``__schema``/``__type`` fields per operation
+  (aliases and fragment spreads count): they run no SQL but cost CPU on the proxy's event loop.
 
 The query timeout (``query_timeout_s``) is enforced around execution, in ``graphql_gateway.app``.
 """
@@ -45,13 +47,21 @@ from graphql import (
 
 from config.settings import GraphQLSettings
 
-__all__ = ["Measure", "check_limits", "limits_rule"]
+__all__ = ["MAX_INTROSPECTION_FIELDS", "Measure", "check_limits", "limits_rule"]
+
+
+#: Introspection fields (``__schema``, ``__type``) an operation may select, aliases and fragment
+#: spreads included. Introspection runs no SQL, but each costs the event loop ~3-8 ms (GraphiQL's
+#: full query: 8 ms), and aliases repeat it: 1,300 aliased ``__schema`` fit in the token limit.
+MAX_INTROSPECTION_FIELDS = 3
+INTROSPECTION_FIELDS = ("__schema", "__type")
 
 
 @dataclass(slots=True)
 class Measure:
     depth: int = 0
     cost: int = 0
+    introspection: int = 0
 
 
 def limits_rule(settings: GraphQLSettings, variables: Mapping[str, Any] | None) -> type[ValidationRule]:
@@ -79,6 +89,11 @@ def limits_rule(settings: GraphQLSettings, variables: Mapping[str, Any] | None) 
                 self.report_error(GraphQLError(
                     f"query depth {measure.depth} exceeds the maximum depth (graphql.max_depth={settings.max_depth})",
                     node, extensions={"code": "DEPTH_LIMIT", "limit": "max_depth", "value": measure.depth}))
+            if measure.introspection > MAX_INTROSPECTION_FIELDS:
+                self.report_error(GraphQLError(
+                    f"the operation selects {measure.introspection} introspection fields (__schema, __type), "
+                    f"more than {MAX_INTROSPECTION_FIELDS}", node,
+                    extensions={"code": "INTROSPECTION_LIMIT", "value": measure.introspection}))
             if measure.cost > settings.max_cost:
                 self.report_error(GraphQLError(
                     f"query cost {measure.cost} (estimated rows) exceeds the maximum cost "
@@ -117,6 +132,8 @@ def limits_rule(settings: GraphQLSettings, variables: Mapping[str, Any] | None) 
             for selection in selections.selections:
                 if isinstance(selection, FieldNode):
                     name = selection.name.value
+                    if name in INTROSPECTION_FIELDS:
+                        measure.introspection += rows
                     if name.startswith("__") or not isinstance(parent, GraphQLObjectType):
                         continue  # introspection costs no SQL; unknown types are other rules' business
                     measure.depth = max(measure.depth, depth)
@@ -139,6 +156,7 @@ def limits_rule(settings: GraphQLSettings, variables: Mapping[str, Any] | None) 
                         if inner.depth:
                             measure.depth = max(measure.depth, depth + inner.depth - 1)
                         measure.cost += rows * inner.cost
+                        measure.introspection += rows * inner.introspection
 
         def _fragment(self, name: str, defaults: Mapping[str, Any]) -> Measure | None:
             """A fragment's depth and cost for one row at depth 1, measured once per operation.
