@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import CoroutineType
@@ -142,6 +142,49 @@ def expanded_selections(document: DocumentNode) -> int:
     return sum(size(d.selection_set) for d in document.definitions if isinstance(d, OperationDefinitionNode))
 
 
+def most_repeated_response_name(document: DocumentNode) -> int:
+    """The most fields any one selection set has under one response name, counting those its inline
+    fragments and (each once) its fragment spreads bring in: what graphql-core's
+    OverlappingFieldsCanBeMerged compares pairwise."""
+    fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+    by_fragment: dict[str, Counter[str]] = {}
+    worst = 0
+
+    def names(selection_set: SelectionSetNode, spread: set[str]) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                counts[(selection.alias or selection.name).value] += 1
+            elif isinstance(selection, InlineFragmentNode):
+                counts.update(names(selection.selection_set, spread))
+            elif isinstance(selection, FragmentSpreadNode) and selection.name.value not in spread:
+                name = selection.name.value
+                spread.add(name)
+                if name not in by_fragment:
+                    by_fragment[name] = Counter()  # while counted: a cycle adds nothing
+                    fragment = fragments.get(name)
+                    if fragment is not None:
+                        by_fragment[name] = names(fragment.selection_set, set())
+                counts.update(by_fragment[name])
+        return counts
+
+    def check(selection_set: SelectionSetNode | None) -> None:
+        nonlocal worst
+        if selection_set is None:
+            return
+        counts = names(selection_set, set())
+        if counts:
+            worst = max(worst, max(counts.values()))
+        for selection in selection_set.selections:
+            if isinstance(selection, (FieldNode, InlineFragmentNode)):
+                check(selection.selection_set)
+
+    for definition in document.definitions:
+        if isinstance(definition, (OperationDefinitionNode, FragmentDefinitionNode)):
+            check(definition.selection_set)
+    return worst
+
+
 class DocumentCache:
     """Parsed documents and their errors under the specified validation rules, by query text (LRU).
 
@@ -155,6 +198,9 @@ class DocumentCache:
     # (MaxIntrospectionDepthRule among them) walk every spread, which is exponential in a chain of
     # fragments spreading the next twice. GraphiQL's introspection query has ~230.
     MAX_SELECTIONS = 10_000
+    # Fields one selection set has under one response name (fragments included): OverlappingFields-
+    # CanBeMerged compares them pairwise, so 1,000 ``users { id }`` in a row took 3 s to validate.
+    MAX_SAME_NAME = 25
 
     def __init__(self, schema: GraphQLSchema, max_depth: int) -> None:
         self.schema = schema
@@ -180,6 +226,10 @@ class DocumentCache:
                 entry = (document, [GraphQLError(
                     f"the document expands to {min(expanded, 10**12)}{'+' if expanded > 10**12 else ''} selections "
                     f"through its fragments, more than {self.MAX_SELECTIONS}", extensions={"code": "TOO_COMPLEX"})])
+            elif (repeated := most_repeated_response_name(document)) > self.MAX_SAME_NAME:
+                entry = (document, [GraphQLError(
+                    f"a selection has {repeated} fields named alike (with its fragments), more than "
+                    f"{self.MAX_SAME_NAME}", extensions={"code": "TOO_COMPLEX"})])
             else:
                 entry = (document, validate(self.schema, document, specified_rules))
         if len(query) <= self.MAX_QUERY_CHARS:

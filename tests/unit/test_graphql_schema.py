@@ -156,3 +156,34 @@ def test_a_document_whose_fragments_expand_too_far_is_refused_before_validation(
     # GraphiQL's own introspection query is far below the bound
     introspection = cache.get(get_introspection_query(descriptions=True))
     assert not isinstance(introspection, GraphQLError) and introspection[1] == []
+
+
+ALIKE: dict[str, Any] = {
+    "fields": lambda n: "{ " + " ".join("users { id }" for _ in range(n)) + " }",
+    "inline-fragments": lambda n: "{ " + " ".join("... on Query { users { id } }" for _ in range(n)) + " }",
+    "fragments": lambda n: "{ " + " ".join(f"...F{i}" for i in range(n)) + " } " + " ".join(
+        f"fragment F{i} on Query {{ users {{ id }} }}" for i in range(n)),
+    "aliases-nested": lambda n: "{ users { " + " ".join("x: id" for _ in range(n)) + " } }",
+}
+
+
+@pytest.mark.parametrize("kind", ALIKE)
+def test_a_selection_with_too_many_fields_named_alike_is_refused_before_validation(kind: str) -> None:
+    # graphql-core's OverlappingFieldsCanBeMerged compares them pairwise: 1,000 took 3 s
+    entry = DocumentCache(build_schema(), max_depth=8).get(ALIKE[kind](26))
+    assert not isinstance(entry, GraphQLError)
+    assert [(e.message, e.extensions) for e in entry[1]] == [
+        ("a selection has 26 fields named alike (with its fragments), more than 25", {"code": "TOO_COMPLEX"})]
+    # 25 are fine (several fragments that all select id are common)
+    assert DocumentCache(build_schema(), max_depth=8).get(ALIKE[kind](25))[1] == []  # type: ignore[index]
+
+
+def test_introspection_fields_are_limited_per_operation_aliases_and_fragments_included() -> None:
+    schema = "__schema { types { name } }"
+    assert _errors("{ " + " ".join(f"a{i}: {schema}" for i in range(3)) + " }") == []
+    assert _errors("{ " + " ".join(f"a{i}: {schema}" for i in range(4)) + " }") == [
+        "the operation selects 4 introspection fields (__schema, __type), more than 3"]
+    assert _errors(f"{{ ...F ...G }} fragment F on Query {{ a: {schema} b: __type(name: \"User\") {{ name }} }} "
+                   f"fragment G on Query {{ ...F }}") == [
+        "the operation selects 4 introspection fields (__schema, __type), more than 3"]
+    assert _errors("{ users { __typename id } }") == []  # __typename is not introspection of the schema
