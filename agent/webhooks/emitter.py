@@ -55,7 +55,8 @@ PRUNE_BATCH = 5000
 _CLAIM_SQL = """
 WITH candidates AS (
     SELECT e.id FROM public.webhook_endpoints AS e
-    WHERE e.active AND (e.lease_until IS NULL OR e.lease_until < now())
+    WHERE e.active AND (e.lease_until IS NULL OR e.lease_until < now() OR e.lease_owner = $1)
+      AND e.id <> ALL($4::bigint[])
       AND CASE WHEN e.ordered THEN
             (SELECT d.next_attempt_at FROM public.webhook_deliveries AS d
              WHERE d.endpoint_id = e.id AND d.state = 'pending' ORDER BY d.event_id LIMIT 1) <= now()
@@ -432,7 +433,10 @@ class Emitter:
         room = self.settings.concurrency - len(self._workers)
         if room <= 0:
             return
-        rows = await self._pool.fetch(_CLAIM_SQL, self.id, room, self.settings.lease_s, timeout=self.settings.timeout_s)
+        # Our own leases count as free unless a worker of ours holds them: a reconnect stopped the
+        # workers whose release could not reach the server, and they must not wait out lease_s.
+        rows = await self._pool.fetch(_CLAIM_SQL, self.id, room, self.settings.lease_s, list(self._workers),
+                                      timeout=self.settings.timeout_s)
         loop = asyncio.get_running_loop()
         for row in rows:
             endpoint = _Endpoint(row["id"], row["url"], row["secret"], row["ordered"])
