@@ -162,7 +162,7 @@ class RowExecutionContext(ExecutionContext):
         try:
             completed = self.complete_value(field_def.type, field_nodes, _NO_INFO, path, row)
         except Exception as raw_error:  # noqa: BLE001 - as ExecutionContext.execute_field
-            self.handle_field_error(located_error(raw_error, field_nodes, path.as_list()), field_def.type)
+            self._field_error(raw_error, field_nodes, path, field_def.type)
             return None
         if self.is_awaitable(completed):
             return self._await_completed(completed, field_nodes, path, field_def.type)
@@ -173,8 +173,17 @@ class RowExecutionContext(ExecutionContext):
         try:
             return await completed
         except Exception as raw_error:  # noqa: BLE001 - as ExecutionContext.execute_field
-            self.handle_field_error(located_error(raw_error, field_nodes, path.as_list()), return_type)
+            self._field_error(raw_error, field_nodes, path, return_type)
             return None
+
+    def _field_error(self, raw_error: Exception, field_nodes: list[FieldNode], path: Path,
+                     return_type: GraphQLOutputType) -> None:
+        """What ``ExecutionContext.handle_field_error`` does (its signature differs between 3.2
+        releases: it takes the located error in 3.2.8, the raw one and the nodes in later ones)."""
+        error = located_error(raw_error, field_nodes, path.as_list())
+        if isinstance(return_type, GraphQLNonNull):
+            raise error
+        self.errors.append(error)
 
     def complete_value(self, return_type: GraphQLOutputType, field_nodes: list[FieldNode],
                        info: GraphQLResolveInfo, path: Path, result: Any) -> Any:

@@ -80,6 +80,7 @@ QUERIES = [
     "{ nullable_matches { id maybe_score nullable_job { id salary title_or_null } } }",
     "{ matches { id a: id job { id } } }",  # a non-null job of 99 is missing: the whole list nulls
     "{ nullable_matches { id job { id title } } }",  # non-null title null / not a string: the item nulls
+    "{ nullable_matches { id nullable_job { id title } } }",  # ... the nullable relation nulls
     "{ nullable_matches { __typename id later_job { __typename id salary shout(times: 2) } callable } }",
     "{ nullable_matches { id score } }",  # NaN is not a Float
     """query { nullable_matches { ...M } }
