@@ -226,7 +226,8 @@ class ProxyCollector:
         yield GaugeMetricFamily("pgsidecar_query_fingerprints", "Query fingerprints with statistics kept.",
                                 value=snap.fingerprints)
         yield CounterMetricFamily("pgsidecar_query_fingerprints_evicted",
-                                  "Fingerprints forgotten at stats.max_fingerprints.", value=snap.evicted)
+                                  "Statements lost to stats.max_fingerprints: an entry evicted, or a new "
+                                  "fingerprint not admitted.", value=snap.evicted)
         top_n = min(self.proxy.settings.stats.prometheus_top_n, TOP_N_MAX)
         if top_n:
             yield from _top_fingerprints(stats.top("total_time", top_n))
