@@ -114,7 +114,7 @@ CACHE_EVICTION_REASONS = ("lru", "ttl", "invalidation", "flush")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _buckets(bounds: tuple[float, ...], cumulative: tuple[int, ...]) -> list[tuple[str, float]]:
+def histogram_buckets(bounds: tuple[float, ...], cumulative: tuple[int, ...]) -> list[tuple[str, float]]:
     """(le, cumulative count) pairs for a HistogramMetricFamily: the bounds, then +Inf."""
     les = [floatToGoString(b) for b in bounds] + ["+Inf"]
     if len(cumulative) != len(les):
@@ -193,7 +193,7 @@ class ProxyCollector:
             size.add_metric(names, pool.size)
             overflow.add_metric(names, pool.max_overflow)
             waiting.add_metric(names, pool.waiting)
-            wait.add_metric(names, _buckets(CHECKOUT_BUCKETS, pool.checkout_wait_buckets), pool.checkout_wait_sum)
+            wait.add_metric(names, histogram_buckets(CHECKOUT_BUCKETS, pool.checkout_wait_buckets), pool.checkout_wait_sum)
             timeouts.add_metric(names, pool.checkout_timeouts)
             opened.add_metric(names, pool.servers_opened)
             closed.add_metric(names, pool.servers_closed)
@@ -216,7 +216,7 @@ class ProxyCollector:
                                           "Statement duration, from the client's request to ReadyForQuery.",
                                           labels=["database", "user", "kind"])
         for labels3, hist in sorted(snap.durations.items()):
-            durations.add_metric(list(labels3), _buckets(snap.bounds, hist.buckets), hist.sum)
+            durations.add_metric(list(labels3), histogram_buckets(snap.bounds, hist.buckets), hist.sum)
         yield durations
         slow = CounterMetricFamily("pgsidecar_slow_queries", "Statements over slow_query.threshold_ms.",
                                    labels=["database", "user"])
@@ -408,7 +408,7 @@ class LoopLagMonitor:
                                     "How late the last event-loop wake-up was.", value=self.last)
         hist = HistogramMetricFamily("pgsidecar_event_loop_lag_distribution_seconds",
                                      f"How late event-loop wake-ups were (one every {self.interval:g} s).")
-        hist.add_metric([], _buckets(LOOP_LAG_BUCKETS, tuple(accumulate(self.counts))), self.sum)
+        hist.add_metric([], histogram_buckets(LOOP_LAG_BUCKETS, tuple(accumulate(self.counts))), self.sum)
         yield hist
 
 

@@ -26,18 +26,24 @@ import contextlib
 import json
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
 
 from config.loader import DsnParts
 from config.settings import ViewsSettings
 
 from . import keys
+from .metrics import histogram_buckets
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +129,7 @@ class ViewRefresher:
             state.last_duration_s = took
             state.last_error = None
             state.duration_sum_s += took
-            for i, bound in enumerate(DURATION_BUCKETS):
-                if took <= bound:
-                    state.buckets[i] += 1
-                    break
-            else:
-                state.buckets[-1] += 1
+            state.buckets[bisect_left(DURATION_BUCKETS, took)] += 1
             log.info("view_refreshed", extra={"view": name, "duration_s": round(took, 3)})
             return took
 
@@ -172,12 +173,8 @@ class ViewRefresher:
                                 "Seconds since this agent last refreshed the materialized view", labels=["view"])
         now = time.time()
         for name, state in sorted(self.views.items()):
-            cumulative, total = [], 0
-            for bound, count in zip(DURATION_BUCKETS, state.buckets):
-                total += count
-                cumulative.append((floatToGoString(bound), float(total)))
-            cumulative.append(("+Inf", float(total + state.buckets[-1])))
-            durations.add_metric([name], cumulative, state.duration_sum_s)
+            durations.add_metric([name], histogram_buckets(DURATION_BUCKETS, tuple(accumulate(state.buckets))),
+                                 state.duration_sum_s)
             for result in RESULTS:
                 refreshes.add_metric([name, result], state.results[result])
             if state.refreshed_at is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,12 +127,7 @@ class Pool:
     def checkout_waited(self, waited: float) -> None:
         self.checkouts += 1
         self.wait_sum += waited
-        for i, bound in enumerate(CHECKOUT_BUCKETS):
-            if waited <= bound:
-                self.wait_buckets[i] += 1
-                break
-        else:
-            self.wait_buckets[-1] += 1
+        self.wait_buckets[bisect_left(CHECKOUT_BUCKETS, waited)] += 1
 
     def try_acquire(self) -> ServerConnection | None:
         """Synchronous fast path: a recently used idle connection, or None (then ``acquire``)."""
@@ -443,8 +439,6 @@ class Pool:
 def _expire(fut: asyncio.Future[ServerConnection | None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
 
 
 def settable(name: str) -> bool:

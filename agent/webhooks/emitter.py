@@ -27,8 +27,10 @@ import logging
 import os
 import secrets
 import socket
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from config.loader import DsnParts
@@ -168,12 +170,7 @@ class _Counters:
         self.attempts += 1
         seconds = outcome.latency_ms / 1000
         self.latency_sum_s += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                break
-        else:
-            self.buckets[-1] += 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +252,9 @@ class Emitter:
 
     def snapshot(self) -> WebhookSnapshot:
         c = self._counters
-        cumulative, total = [], 0
-        for count in c.buckets:
-            total += count
-            cumulative.append(total)
         return WebhookSnapshot(
-            self.id, self.state, self.delivering, self.listening, dict(c.deliveries), c.attempts, tuple(cumulative),
+            self.id, self.state, self.delivering, self.listening, dict(c.deliveries), c.attempts,
+            tuple(accumulate(c.buckets)),
             c.latency_sum_s, self.pending, self.oldest_pending_age_s, len(self._workers), self.pruned,
             self.notifications,
             self.sweeps, self.connects, self.last_error,

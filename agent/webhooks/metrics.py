@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
 
+from ..metrics import histogram_buckets
 from .emitter import LATENCY_BUCKETS, Emitter
 
 RESULTS = ("delivered", "retried", "dead")
@@ -47,10 +51,9 @@ class WebhookCollector:
         for result in ("delivered", "dead"):
             final.add_metric([result], snap.deliveries.get(result, 0))
         yield final
-        buckets = [(floatToGoString(bound), float(count)) for bound, count in zip(LATENCY_BUCKETS, snap.latency_buckets)]
-        buckets.append(("+Inf", float(snap.latency_buckets[-1])))
-        yield HistogramMetricFamily("pgsidecar_webhook_delivery_duration_seconds",
-                                    "HTTP time of one webhook attempt", buckets=buckets, sum_value=snap.latency_sum_s)
+        yield HistogramMetricFamily("pgsidecar_webhook_delivery_duration_seconds", "HTTP time of one webhook attempt",
+                                    buckets=histogram_buckets(LATENCY_BUCKETS, snap.latency_buckets),
+                                    sum_value=snap.latency_sum_s)
         yield GaugeMetricFamily("pgsidecar_webhook_pending_deliveries",
                                 "Webhook deliveries waiting for an active endpoint (all replicas)",
                                 value=float(snap.pending or 0))
