@@ -93,13 +93,8 @@ class UpstreamProbe:
     """A real round trip to the upstream, at most one per ``ttl`` seconds."""
 
     def __init__(self, proxy: ProxyServer, ttl: float = PROBE_TTL) -> None:
-        up = proxy.upstream
-        self.host = up.host
-        self.port = up.port
-        self.user = up.user
-        self.database = up.database or up.user
-        self._password = up.password
-        self.timeout = proxy.settings.upstream.connect_timeout
+        self.endpoint = proxy.upstream_endpoint()
+        self.timeout = self.endpoint.connect_timeout
         self.ttl = ttl
         self._last: UpstreamStatus | None = None
         self._last_mono = 0.0
@@ -108,7 +103,8 @@ class UpstreamProbe:
 
     def describe(self) -> dict[str, Any]:
         """Where the upstream is, without its password."""
-        return {"host": self.host, "port": self.port, "database": self.database, "user": self.user}
+        ep = self.endpoint
+        return {"host": ep.host, "port": ep.port, "database": ep.database, "user": ep.user}
 
     async def check(self) -> UpstreamStatus:
         if self._last is not None and time.monotonic() - self._last_mono < self.ttl:
@@ -132,18 +128,14 @@ class UpstreamProbe:
         start = time.perf_counter()
         conn = None
         try:
-            conn = await asyncpg.connect(
-                host=self.host, port=self.port, user=self.user, password=self._password, database=self.database,
-                timeout=self.timeout, statement_cache_size=0, ssl=False,
-                server_settings={"application_name": "pgsidecar-health"},
-            )
+            conn = await asyncpg.connect(statement_cache_size=0, **self.endpoint.connect_args("pgsidecar-health"))
             connected = time.perf_counter()
             row = await conn.fetchrow("SELECT current_setting('server_version') AS v, pg_is_in_recovery() AS r",
                                       timeout=self.timeout)
             done = time.perf_counter()
             assert row is not None
             if self._last is not None and not self._last.reachable:
-                log.info("upstream_reachable", extra={"upstream": f"{self.host}:{self.port}"})
+                log.info("upstream_reachable", extra={"upstream": f"{self.endpoint.host}:{self.endpoint.port}"})
             return UpstreamStatus(reachable=True, checked_at=checked_at,
                                   connect_ms=round((connected - start) * 1000.0, 3),
                                   round_trip_ms=round((done - connected) * 1000.0, 3),
@@ -151,7 +143,7 @@ class UpstreamProbe:
         except Exception as exc:  # noqa: BLE001 - any failure means unreachable, and says why
             error = self._scrub(f"{type(exc).__name__}: {exc}")[:300]
             if self._last is None or self._last.reachable:  # one line per change, not per probe
-                log.warning("upstream_unreachable", extra={"upstream": f"{self.host}:{self.port}", "error": error})
+                log.warning("upstream_unreachable", extra={"upstream": f"{self.endpoint.host}:{self.endpoint.port}", "error": error})
             return UpstreamStatus(reachable=False, checked_at=checked_at, error=error)
         finally:
             if conn is not None:
@@ -161,8 +153,8 @@ class UpstreamProbe:
                     conn.terminate()
 
     def _scrub(self, text: str) -> str:
-        if self._password:
-            text = text.replace(self._password, "***")
+        if self.endpoint.password:
+            text = text.replace(self.endpoint.password, "***")
         return text
 
 

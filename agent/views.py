@@ -39,8 +39,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.metrics_core import Metric
 
-from config.loader import DsnParts
 from config.settings import ViewsSettings
+from proxy.server import Endpoint
 
 from . import keys
 from .metrics import histogram_buckets
@@ -76,10 +76,9 @@ class _ViewState:
 
 
 class ViewRefresher:
-    def __init__(self, settings: ViewsSettings, upstream: DsnParts, connect_timeout: float) -> None:
+    def __init__(self, settings: ViewsSettings, endpoint: Endpoint) -> None:
         self.settings = settings
-        self.upstream = upstream
-        self.connect_timeout = connect_timeout
+        self.endpoint = endpoint
         self.views: dict[str, _ViewState] = {name: _ViewState() for name in settings.names}
         self._task: asyncio.Task[None] | None = None
 
@@ -136,12 +135,8 @@ class ViewRefresher:
     async def _refresh(self, name: str) -> None:
         import asyncpg
 
-        up = self.upstream
-        database = up.database or up.user or "postgres"
-        conn = await asyncpg.connect(
-            host=up.host, port=up.port, user=up.user, password=up.password,
-            database=database, timeout=self.connect_timeout, ssl=False,
-            statement_cache_size=0, server_settings={"application_name": "pgsidecar-views"})
+        database = self.endpoint.database
+        conn = await asyncpg.connect(statement_cache_size=0, **self.endpoint.connect_args("pgsidecar-views"))
         try:
             found = await conn.fetchrow(_FIND_SQL, name, timeout=self.settings.refresh_timeout_s)
             if found is None:
@@ -214,7 +209,7 @@ async def _refresher_ctx(app: web.Application) -> AsyncIterator[None]:
 def setup_views(app: web.Application) -> None:
     """The periodic refresher, its metrics and POST /api/views/{name}/refresh (after setup_api)."""
     settings = app[keys.SETTINGS]
-    refresher = ViewRefresher(settings.views, app[keys.PROXY].upstream, settings.upstream.connect_timeout)
+    refresher = ViewRefresher(settings.views, app[keys.PROXY].upstream_endpoint())
     app[keys.VIEWS] = refresher
     app[keys.REGISTRY].register(refresher)
     app.cleanup_ctx.append(_refresher_ctx)

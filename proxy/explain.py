@@ -93,12 +93,8 @@ class Explainer:
 
         ep = self.endpoint_for(database, user)
         try:
-            conn = await asyncpg.connect(
-                host=ep.host, port=ep.port, user=ep.user, password=ep.password, database=ep.database,
-                timeout=ep.connect_timeout, statement_cache_size=0, ssl=False,
-                server_settings={"application_name": "pgsidecar-explain", "statement_timeout": "5000",
-                                 "plan_cache_mode": "force_generic_plan"},
-            )
+            conn = await asyncpg.connect(statement_cache_size=0, **ep.connect_args(
+                "pgsidecar-explain", statement_timeout="5000", plan_cache_mode="force_generic_plan"))
             try:
                 params = max((int(n) for n in _PARAM.findall(fp.normalized)), default=0)
                 await conn.execute(f"PREPARE pgsidecar_explain AS {fp.normalized}")

@@ -308,11 +308,7 @@ class InvalidationMonitor:
 
         ep = self.endpoint
         self._lost.clear()
-        conn = await asyncpg.connect(
-            host=ep.host, port=ep.port, user=ep.user, password=ep.password, database=ep.database,
-            timeout=ep.connect_timeout, statement_cache_size=0, ssl=False,
-            server_settings={"application_name": "pgsidecar-cache-listen"},
-        )
+        conn = await asyncpg.connect(statement_cache_size=0, **ep.connect_args("pgsidecar-cache-listen"))
         self._conn = conn
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._notified)

@@ -128,6 +128,14 @@ class ProxyServer:
             raise ProxyError("28000", f'role "{user}" does not exist', fatal=True)
         return make_verifier(method, user, secret)
 
+    def upstream_endpoint(self, database: str | None = None) -> Endpoint:
+        """The upstream DSN's server, user and password (its database unless another is named):
+        where the agent's own connections go (health probe, webhook emitter, view refresh)."""
+        up = self.upstream
+        user = up.user or "postgres"
+        return Endpoint(up.host, up.port, user, up.password, database or up.database or user,
+                        self.settings.upstream.connect_timeout)
+
     def pool_for(self, database: str, user: str) -> Pool:
         key = (database, user)
         pool = self.pools.get(key)

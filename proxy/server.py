@@ -149,6 +149,15 @@ class Endpoint:
     def is_unix(self) -> bool:
         return self.host.startswith("/")
 
+    def connect_args(self, application_name: str, **server_settings: str) -> dict[str, Any]:
+        """asyncpg.connect / create_pool keyword arguments for a connection of pgsidecar's own
+        (LISTEN, EXPLAIN, health, webhooks, view refresh): straight to the server, no TLS."""
+        return {
+            "host": self.host, "port": self.port, "user": self.user, "password": self.password,
+            "database": self.database, "timeout": self.connect_timeout, "ssl": False,
+            "server_settings": {"application_name": application_name, **server_settings},
+        }
+
     async def open(self, factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any]:
         loop = asyncio.get_running_loop()
         if self.is_unix:

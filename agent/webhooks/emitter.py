@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from config.loader import DsnParts
 from config.settings import WebhookSettings
+from proxy.server import Endpoint
 
 from .delivery import Outcome, Sender, backoff, body, message_id
 from .feed import ChangeFeed
@@ -184,12 +184,10 @@ class _Endpoint:
 class Emitter:
     """One replica's emitter for one database (``start``/``stop``; ``feed`` for subscribers)."""
 
-    def __init__(self, settings: WebhookSettings, upstream: DsnParts, connect_timeout: float = 5.0,
-                 *, name: str | None = None) -> None:
+    def __init__(self, settings: WebhookSettings, endpoint: Endpoint, *, name: str | None = None) -> None:
         self.settings = settings
-        self.upstream = upstream
-        self.database = settings.database or upstream.database or upstream.user or "postgres"
-        self.connect_timeout = connect_timeout
+        self.endpoint = endpoint
+        self.database = endpoint.database
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.delivering = settings.enabled
         self.feed = ChangeFeed(self._fetch)
@@ -280,18 +278,11 @@ class Emitter:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    def _connect_args(self, application_name: str) -> dict[str, Any]:
-        up = self.upstream
-        return {
-            "host": up.host, "port": up.port, "user": up.user, "password": up.password, "database": self.database,
-            "timeout": self.connect_timeout, "ssl": False, "server_settings": {"application_name": application_name},
-        }
-
     async def _connect(self) -> None:
         import asyncpg
 
         self._lost.clear()
-        conn = await asyncpg.connect(statement_cache_size=0, **self._connect_args("pgsidecar-webhooks-listen"))
+        conn = await asyncpg.connect(statement_cache_size=0, **self.endpoint.connect_args("pgsidecar-webhooks-listen"))
         self._listen = conn
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._notified)
@@ -312,7 +303,7 @@ class Emitter:
                     "database": self.database, "hint": "run `pgsidecar migrate` or `pgsidecar webhooks install`"})
             self.state = "waiting_for_tables"
             return False
-        self._pool = await asyncpg.create_pool(min_size=1, max_size=4, **self._connect_args("pgsidecar-webhooks"))
+        self._pool = await asyncpg.create_pool(min_size=1, max_size=4, **self.endpoint.connect_args("pgsidecar-webhooks"))
         self.tables_present = True
         if not self.feed.last_id:
             self.feed.last_id = await self._pool.fetchval(_MAX_EVENT_SQL)

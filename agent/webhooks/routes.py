@@ -162,7 +162,7 @@ def setup_webhooks(app: web.Application) -> None:
     (after ``setup_metrics`` and ``setup_api``: it uses their registry and admin check)."""
     settings = app[keys.SETTINGS]
     proxy = app[keys.PROXY]
-    emitter = Emitter(settings.webhooks, proxy.upstream, settings.upstream.connect_timeout)
+    emitter = Emitter(settings.webhooks, proxy.upstream_endpoint(settings.webhooks.database))
     app[keys.WEBHOOKS] = emitter
     app[keys.CHANGE_FEED] = emitter.feed
     app[keys.REGISTRY].register(WebhookCollector(emitter))
