@@ -238,8 +238,81 @@ def parse_payload(payload: str) -> list[str]:
     return [str(names)] if names is not None else []
 
 
-class InvalidationMonitor:
+async def close_quietly(closable: Any, timeout: float = 2.0) -> None:
+    """Close an asyncpg connection or pool politely; terminate it when that fails (a dead one)."""
+    try:
+        await asyncio.wait_for(closable.close(), timeout)
+    except Exception:  # noqa: BLE001 - already broken
+        closable.terminate()
+
+
+class ListenLoop:
+    """A task that keeps a LISTEN connection: connect, serve until it fails, go down, close, back
+    off (0.5 s, doubling to 10 s), again. Used by the cache's InvalidationMonitor and the agent's
+    webhook emitter; a subclass provides ``_connect``, ``_serve``, ``_went_down``, ``_close``, a
+    ``ready`` flag, ``database`` and the name of its failure log event."""
+
+    FAILED_EVENT = "listen_failed"
+    database: str
+    last_error: str | None
+    ready: bool  # an attribute or a property of the subclass
+    _task: asyncio.Task[None] | None
+
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    async def _went_down(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{type(self).__name__}")
+
+    async def _cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """For tests and start-up: wait until ``ready`` (True) or ``timeout`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.ready:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._connect()
+                delay = 0.5
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: go down, wait, reconnect
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                logging.getLogger(type(self).__module__).warning(
+                    self.FAILED_EVENT, extra={"database": self.database, "error": self.last_error})
+            await self._went_down()
+            await self._close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+class InvalidationMonitor(ListenLoop):
     """The LISTEN connection of one database, and its catalog facts."""
+
+    FAILED_EVENT = "cache_listen_failed"
 
     def __init__(self, cache: ResultCache, endpoint: Endpoint, refresh_s: float = 30.0) -> None:
         self.cache = cache
@@ -261,47 +334,15 @@ class InvalidationMonitor:
         self._lost = asyncio.Event()
         self._conn: Any = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
     def refresh_soon(self) -> None:
         self._refresh.set()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._cancel()
         await self._close()
         self.ready = False
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """For tests and start-up: wait until listening (True) or ``timeout`` passes (False)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not self.ready:
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
     # ------------------------------------------------------------------ internals
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._connect()
-                delay = 0.5
-                await self._serve()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure: flush, wait, reconnect
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("cache_listen_failed", extra={"database": self.database, "error": self.last_error})
-            self._went_down()
-            await self._close()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
     async def _connect(self) -> None:
         import asyncpg
@@ -386,7 +427,7 @@ class InvalidationMonitor:
                     keys |= more
         return True
 
-    def _went_down(self) -> None:
+    async def _went_down(self) -> None:
         if self.ready:
             self.drops += 1
         self.ready = False
@@ -396,7 +437,4 @@ class InvalidationMonitor:
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 2.0)
-            except Exception:  # noqa: BLE001 - already broken
-                conn.terminate()
+            await close_quietly(conn)

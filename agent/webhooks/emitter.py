@@ -34,6 +34,7 @@ from itertools import accumulate
 from typing import Any
 
 from config.settings import WebhookSettings
+from proxy.invalidation import ListenLoop, close_quietly
 from proxy.server import Endpoint
 
 from .delivery import Outcome, Sender, backoff, body, message_id
@@ -181,8 +182,10 @@ class _Endpoint:
     ordered: bool
 
 
-class Emitter:
+class Emitter(ListenLoop):
     """One replica's emitter for one database (``start``/``stop``; ``feed`` for subscribers)."""
+
+    FAILED_EVENT = "webhook_emitter_disconnected"
 
     def __init__(self, settings: WebhookSettings, endpoint: Endpoint, *, name: str | None = None) -> None:
         self.settings = settings
@@ -214,15 +217,8 @@ class Emitter:
         self.pruned = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"webhook-emitter-{self.id}")
-
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._cancel()
         await self._stop_workers()
         self.feed.close()
         await self._close()
@@ -233,15 +229,10 @@ class Emitter:
         """Look for due deliveries now (the API calls this after it queues something)."""
         self._wake.set()
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """For tests and start-up: True once listening with the tables present."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.state != "running":
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
+    @property
+    def ready(self) -> bool:  # type: ignore[override]  # read-only here: derived from state
+        """Listening, with the webhook tables present."""
+        return self.state == "running"
 
     @property
     def pool(self) -> Any:
@@ -259,24 +250,10 @@ class Emitter:
         )
 
     # ------------------------------------------------------------------ connection
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._connect()
-                delay = 0.5
-                await self._serve()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure: stop delivering, wait, reconnect
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("webhook_emitter_disconnected", extra={"database": self.database, "error": self.last_error})
-            self.state = "disconnected"
-            self.listening = False
-            await self._stop_workers()
-            await self._close()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    async def _went_down(self) -> None:
+        self.state = "disconnected"
+        self.listening = False
+        await self._stop_workers()
 
     async def _connect(self) -> None:
         import asyncpg
@@ -314,15 +291,9 @@ class Emitter:
         pool, self._pool = self._pool, None
         self.tables_present = False
         if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2.0)
-            except Exception:  # noqa: BLE001 - a dead connection cannot close politely
-                conn.terminate()
+            await close_quietly(conn)
         if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), timeout=2.0)
-            except Exception:  # noqa: BLE001
-                pool.terminate()
+            await close_quietly(pool)
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
