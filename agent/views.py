@@ -68,8 +68,6 @@ class ViewNotFound(Exception):
 class _ViewState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     refreshed_at: float | None = None  # time.time() of this agent's last successful refresh
-    last_duration_s: float | None = None
-    last_error: str | None = None
     results: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     duration_sum_s: float = 0.0
@@ -100,8 +98,13 @@ class ViewRefresher:
                     await self.refresh(name)
 
     async def refresh(self, name: str) -> float:
-        """Refresh one view now; returns seconds taken. ViewBusy / ViewNotFound / the DB's error."""
-        state = self.views.setdefault(name, _ViewState())
+        """Refresh one view now; returns seconds taken. ViewBusy / ViewNotFound / the DB's error.
+
+        A view outside ``views.names`` gets its state (and metric labels) only once it exists,
+        so names that are not materialized views never become series."""
+        state = self.views.get(name)
+        if state is None:
+            state = _ViewState()
         if state.lock.locked():
             state.results["skipped"] += 1
             raise ViewBusy(f"materialized view {name!r} is being refreshed by this agent")
@@ -112,21 +115,14 @@ class ViewRefresher:
             except ViewBusy:
                 state.results["skipped"] += 1
                 raise
-            except ViewNotFound as exc:
-                state.results["error"] += 1
-                state.last_error = str(exc)
-                log.warning("view_refresh_failed", extra={"view": name, "error": state.last_error})
-                raise
             except Exception as exc:
-                state.results["error"] += 1
-                state.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("view_refresh_failed", extra={"view": name, "error": state.last_error})
+                state.results["error"] += 1  # kept only for a view that exists (or is configured)
+                log.warning("view_refresh_failed", extra={"view": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 raise
+            self.views.setdefault(name, state)
             took = time.perf_counter() - start
             state.results["ok"] += 1
             state.refreshed_at = time.time()
-            state.last_duration_s = took
-            state.last_error = None
             state.duration_sum_s += took
             state.buckets[bisect_left(DURATION_BUCKETS, took)] += 1
             log.info("view_refreshed", extra={"view": name, "duration_s": round(took, 3)})

@@ -197,7 +197,6 @@ class Emitter(ListenLoop):
         self.sender = Sender(settings)
         self.state = "starting"
         self.listening = False
-        self.tables_present = False
         self.notifications = 0
         self.sweeps = 0
         self.connects = 0
@@ -271,7 +270,7 @@ class Emitter(ListenLoop):
     async def _ensure_tables(self) -> bool:
         import asyncpg
 
-        if self.tables_present and self._pool is not None:
+        if self._pool is not None:  # created once the tables were found
             return True
         present = await self._listen.fetchval(TABLES_PRESENT_SQL, list(TABLES), timeout=self.settings.timeout_s)
         if not present:
@@ -281,7 +280,6 @@ class Emitter(ListenLoop):
             self.state = "waiting_for_tables"
             return False
         self._pool = await asyncpg.create_pool(min_size=1, max_size=4, **self.endpoint.connect_args("pgsidecar-webhooks"))
-        self.tables_present = True
         if not self.feed.last_id:
             self.feed.last_id = await self._pool.fetchval(_MAX_EVENT_SQL)
         return True
@@ -289,7 +287,6 @@ class Emitter(ListenLoop):
     async def _close(self) -> None:
         conn, self._listen = self._listen, None
         pool, self._pool = self._pool, None
-        self.tables_present = False
         if conn is not None:
             await close_quietly(conn)
         if pool is not None:

@@ -110,7 +110,6 @@ class ChangeFeed:
         self._wanted: list[int] = []
         self._task: asyncio.Task[None] | None = None
         self.last_id = 0  # highest event id notified (or caught up) so far
-        self.delivered = 0
 
     @property
     def active(self) -> bool:
@@ -149,7 +148,6 @@ class ChangeFeed:
             for sub in list(self._subscribers):
                 if sub.wants(event.event_type):
                     sub.put(event)
-                    self.delivered += 1
 
     async def catch_up(self) -> None:
         """After a reconnect: publish the events committed since the last one seen."""

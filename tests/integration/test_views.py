@@ -115,6 +115,8 @@ def test_admin_refresh_endpoint_unknown_view_and_one_refresh_at_a_time(demo: Any
     assert status == 404 and "not a materialized view" in doc["error"]
     status, doc = agent.json("POST", "/api/views/users/refresh")  # a table, not a view
     assert status == 404
+    # Names that are not materialized views never become series (the label stays bounded).
+    assert not [x for x in _metrics(agent) if x.labels.get("view") in ("no_such_view", "users")]
 
     # Another replica (here: a session holding the same advisory lock) is refreshing: 409, skipped.
     other = connect()
