@@ -28,6 +28,7 @@ from .delivery import (
     networks,
     new_secret,
 )
+from .sql import LIKE_PATTERN
 
 DEFAULT_DENY = networks(WebhookSettings().deny_networks)
 HISTORY_MAX = 1000
@@ -53,11 +54,11 @@ ORDER BY ev.id DESC
 """
 # Redelivery: every endpoint (active) whose patterns match gets the event again, with a full
 # retry budget, including endpoints registered after the event.
-_REDELIVER_SQL = r"""
+_REDELIVER_SQL = rf"""
 INSERT INTO public.webhook_deliveries (event_id, endpoint_id)
 SELECT ev.id, e.id FROM public.webhook_events AS ev, public.webhook_endpoints AS e
 WHERE ev.id = $1 AND e.active AND ($2::bigint IS NULL OR e.id = $2)
-  AND EXISTS (SELECT 1 FROM unnest(e.events) AS p WHERE ev.event_type LIKE replace(replace(p, '_', '\_'), '*', '%'))
+  AND EXISTS (SELECT 1 FROM unnest(e.events) AS p WHERE ev.event_type LIKE {LIKE_PATTERN})
 ON CONFLICT (endpoint_id, event_id) DO UPDATE
 SET state = 'pending', attempts = 0, next_attempt_at = now(), delivered_at = NULL
 RETURNING endpoint_id

@@ -23,15 +23,18 @@ call the function) needs no privilege on the webhook tables and can never read a
 """
 from __future__ import annotations
 
+from proxy.invalidation import WEBHOOK_TRIGGERS, WEBHOOK_WRITES
+
 CHANNEL = "pgsidecar_webhooks"
 CAPTURE_FUNCTION = "pgsidecar_webhook_capture"
-ROW_TRIGGER = "pgsidecar_webhook_capture"
-TRUNCATE_TRIGGER = "pgsidecar_webhook_truncate"
-TABLES = ("webhook_endpoints", "webhook_events", "webhook_deliveries", "webhook_attempts")
+# The result cache must know the triggers and what they write (proxy may not import agent): the
+# names live there, and are used here.
+ROW_TRIGGER, TRUNCATE_TRIGGER = WEBHOOK_TRIGGERS
+TABLES = ("webhook_endpoints", *WEBHOOK_WRITES, "webhook_attempts")
 
 # Event patterns: names of letters, digits, '_', '-' and '.', with '*' matching any run of characters.
 # In SQL, '_' is escaped and '*' becomes LIKE's '%' (patterns may hold neither '%' nor '\').
-_LIKE = r"replace(replace(p, '_', '\_'), '*', '%')"
+LIKE_PATTERN = r"replace(replace(p, '_', '\_'), '*', '%')"  # p: one of an endpoint's patterns
 
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS public.webhook_endpoints (
@@ -99,7 +102,7 @@ BEGIN
     RETURNING id INTO new_id;
     INSERT INTO public.webhook_deliveries (event_id, endpoint_id)
     SELECT new_id, e.id FROM public.webhook_endpoints AS e
-    WHERE e.active AND EXISTS (SELECT 1 FROM unnest(e.events) AS p WHERE $1 LIKE {_LIKE});
+    WHERE e.active AND EXISTS (SELECT 1 FROM unnest(e.events) AS p WHERE $1 LIKE {LIKE_PATTERN});
     PERFORM pg_notify('{CHANNEL}', new_id::text || ' ' || $1);
     RETURN new_id;
 END
