@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.helpers.agent_http import RunningAgent
 from tests.helpers.proxy_thread import RunningProxy
 
 
@@ -46,3 +47,18 @@ def fresh_db(pg_server: Any, direct: Callable[..., psycopg.Connection[Any]]) -> 
         yield pg_server.dsn_for(database=name), lambda: direct(dbname=name)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[[RunningProxy], RunningAgent]]:
+    """``agents(proxy)`` -> the agent's app served over HTTP for that proxy, stopped after the test."""
+    started: list[RunningAgent] = []
+
+    def start(proxy: RunningProxy) -> RunningAgent:
+        agent = RunningAgent(proxy)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -29,20 +29,6 @@ SMALL_POOL = {"pool__size": 3, "pool__max_overflow": 2, "pool__checkout_timeout"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def agents() -> Iterator[Callable[[RunningProxy], RunningAgent]]:
-    started: list[RunningAgent] = []
-
-    def start(proxy: RunningProxy) -> RunningAgent:
-        agent = RunningAgent(proxy)
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ metrics, and one refresh of a view at a time."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -29,17 +29,10 @@ def demo(fresh_db: Any) -> tuple[str, Callable[[], psycopg.Connection[Any]]]:
 
 
 @pytest.fixture
-def agent_on(proxy_factory: Callable[..., RunningProxy]) -> Iterator[Callable[..., RunningAgent]]:
-    started: list[RunningAgent] = []
-
-    def start(dsn: str, **settings: Any) -> RunningAgent:
-        agent = RunningAgent(proxy_factory(dsn, **settings))
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
+def agent_on(proxy_factory: Callable[..., RunningProxy],
+             agents: Callable[[RunningProxy], RunningAgent]) -> Callable[..., RunningAgent]:
+    """``agent_on(dsn, **settings)``: a proxy on ``dsn`` and its agent."""
+    return lambda dsn, **settings: agents(proxy_factory(dsn, **settings))
 
 
 def _metrics(agent: RunningAgent) -> Any:
