@@ -70,6 +70,7 @@ _IDLE = ord("I")
 _KNOWN = frozenset(b"QPBDESCHXFdcf")
 _PAUSE_BUFFER = 256 * 1024
 _SYNC_MSG = b"S\x00\x00\x00\x04"
+_HINT = b"pgsidecar:"  # what every cache hint starts with (proxy.cache.parse_hint)
 
 # Startup parameters that are not session settings.
 _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
@@ -212,6 +213,9 @@ class ClientSession(asyncio.Protocol):
         self._fill: Fill | None = None  # a cacheable miss whose response is being collected
         self._cache_settings = ""  # the session settings that shape results, for the cache key
         self._stateful = False  # ran a statement creating session state: never use the cache
+        # This session parsed a statement carrying a cache hint: in cache.mode hinted, an
+        # extended-protocol segment without the hint in its own bytes may still Bind it.
+        self._hint_parsed = False
         self._written: set[str] = set()  # match keys of the tables the open transaction wrote
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
@@ -787,6 +791,8 @@ class ClientSession(asyncio.Protocol):
                 self._inspect(sql, server)
                 if measure:
                     self._segment = sql
+                if front is not None and not self._hint_parsed and _HINT in sql:
+                    self._hint_parsed = True
                 if nul == pos + 5:
                     self._unnamed_sql = sql  # what a later Bind of the unnamed statement runs
                 if nul > pos + 5:
@@ -992,7 +998,7 @@ class ClientSession(asyncio.Protocol):
         front = self._front
         assert front is not None
         self._fill = None  # idle: whatever was collected before is over
-        if front.mode == "hinted" and buf.find(b"pgsidecar:", 5, end) < 0:
+        if front.mode == "hinted" and buf.find(_HINT, 5, end) < 0:
             front.cache.record_bypass("not_hinted")  # the default mode's usual case: no copy
             return False
         if self._stateful:
@@ -1028,6 +1034,12 @@ class ClientSession(asyncio.Protocol):
         front = self._front
         assert front is not None
         self._fill = None
+        if front.mode == "hinted" and not self._hint_parsed:
+            if data.find(_HINT) < 0:
+                # The default mode's usual case: no statement this session can Bind is hinted.
+                front.cache.record_bypass("not_hinted")
+                return False
+            self._hint_parsed = True  # (a Parse here may be served from the cache, unseen by _forward)
         if self._stateful:
             front.cache.record_bypass("session_state")
             return False

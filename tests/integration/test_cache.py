@@ -606,6 +606,36 @@ def test_hinted_mode_caches_only_hinted_statements(proxy_factory: Any, server: S
         assert delta == {"bypasses.not_hinted": 3, "misses": 1, "stores": 1, "hits": 2}, delta
 
 
+def test_hinted_mode_in_the_extended_protocol_follows_the_statement_not_the_segment(
+        proxy_factory: Any, server: Server) -> None:
+    """In the default mode a segment without the hint in its own bytes bypasses at once, unless
+    the session parsed a hinted statement: asyncpg's Bind/Execute of a named hinted statement
+    (Parse in an earlier segment) is still cached, its unhinted neighbour never is."""
+    proxy = proxy_factory()  # cache.mode = hinted
+    t = server.table([(1, "old")])
+    hinted = f"/* pgsidecar:cache */ select v from {t} where id = $1"
+    plain = f"select v from {t} where id = $1"
+
+    async def run() -> list[str]:
+        conn = await asyncpg.connect(**proxy.asyncpg_kwargs())
+        try:
+            seen = [(await conn.fetch(plain, 1))[0][0]]
+            await conn.execute("/* pgsidecar:cache */ select 1")  # starts the LISTEN monitor
+            ready = asyncio.run_coroutine_threadsafe(_monitor(proxy).wait_ready(10), proxy.loop)
+            assert await asyncio.wrap_future(ready), "the LISTEN monitor did not come up"
+            before = counters(proxy)
+            seen += [(await conn.fetch(q, 1))[0][0] for q in (plain, plain, hinted, hinted)]
+            server.hidden(f"update {t} set v = 'hidden'")
+            seen += [(await conn.fetch(q, 1))[0][0] for q in (plain, hinted)]
+            delta = _delta(before, counters(proxy))
+            assert delta == {"bypasses.not_hinted": 3, "misses": 1, "stores": 1, "hits": 2}, delta
+            return seen
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == ["old", "old", "old", "old", "old", "hidden", "old"]
+
+
 def test_uncacheable_selects_bypass_with_their_reason(proxy_factory: Any, server: Server) -> None:
     proxy = proxy_factory(cache__mode="all")
     t = server.table([(1, "old")])
