@@ -106,6 +106,9 @@ class CacheSettings:
     # Cache only results whose tables carry pgsidecar's invalidation trigger, so writes that
     # bypass the proxy are seen too (false: trust that every write goes through the proxy).
     require_triggers: bool = True
+    # An UPDATE evicts only the cached results that reference a column it sets (proxy.columns),
+    # on tables whose triggers name columns; false: every write evicts per table.
+    column_invalidation: bool = True
     # How often the list of tables with triggers and of user-defined functions is reloaded.
     catalog_refresh_s: float = 30.0
 

@@ -93,7 +93,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from .fingerprint import Fingerprint
 
@@ -309,13 +309,14 @@ class CacheSnapshot:
 
 
 class _Entry:
-    __slots__ = ("response", "tables", "match_keys", "size", "stored_at", "expires_at", "hits")
+    __slots__ = ("response", "tables", "match_keys", "columns", "size", "stored_at", "expires_at", "hits")
 
     def __init__(self, response: bytes, tables: tuple[str, ...], match_keys: frozenset[str], size: int,
-                 stored_at: float, expires_at: float) -> None:
+                 stored_at: float, expires_at: float, columns: Mapping[str, frozenset[str]] | None = None) -> None:
         self.response = response
         self.tables = tables
         self.match_keys = match_keys
+        self.columns = columns  # match key -> the only columns of it the result depends on
         self.size = size
         self.stored_at = stored_at
         self.expires_at = expires_at
@@ -414,8 +415,13 @@ class ResultCache:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def put(self, key: bytes, response: bytes, tables: Iterable[str], ttl: float, token: ReadToken) -> bool:
-        """Store ``response`` unless too large, paused, without TTL, or raced by an invalidation."""
+    def put(self, key: bytes, response: bytes, tables: Iterable[str], ttl: float, token: ReadToken,
+            columns: Mapping[str, frozenset[str]] | None = None) -> bool:
+        """Store ``response`` unless too large, paused, without TTL, or raced by an invalidation.
+
+        ``columns``: for some of the tables (match keys), the only columns the result depends on
+        (``proxy.columns.read_columns``); an invalidation naming other columns of such a table
+        leaves the entry. Tables not in it depend on every column."""
         table_names = tuple(tables)
         if self._paused:
             return self._reject("paused")
@@ -444,7 +450,7 @@ class ResultCache:
         entries = self._entries
         while self._bytes + size > self.max_bytes:
             self._remove(next(iter(entries)), "lru")
-        entries[key] = _Entry(response, table_names, match_keys, size, token.started, expires_at)
+        entries[key] = _Entry(response, table_names, match_keys, size, token.started, expires_at, columns or None)
         self._bytes += size
         index = self._index
         for match_key in match_keys:
@@ -468,9 +474,11 @@ class ResultCache:
         for match_key in {table_match_key(table) for table in tables}:
             writing[match_key] = writing.get(match_key, 0) + 1
 
-    def end_write(self, tables: Iterable[str], committed: bool) -> int:
+    def end_write(self, tables: Iterable[str], committed: bool,
+                  columns: Mapping[str, frozenset[str]] | None = None) -> int:
         """The transaction that ``begin_write`` marked ``tables`` for ended; when it committed,
-        its tables are invalidated once more (reads that began before are not stored)."""
+        its tables are invalidated once more (reads that began before are not stored).
+        ``columns``: see ``invalidate``."""
         writing = self._writing
         keys = {table_match_key(table) for table in tables}
         for match_key in keys:
@@ -479,7 +487,7 @@ class ResultCache:
                 writing[match_key] = left
             else:
                 writing.pop(match_key, None)
-        return self.invalidate(keys, "proxy") if committed and keys else 0
+        return self.invalidate(keys, "proxy", columns) if committed and keys else 0
 
     def begin_write_all(self) -> None:
         """An open transaction may write anything (a writer function, CALL, DO): serve and store
@@ -494,8 +502,14 @@ class ResultCache:
         """Tables marked by open transactions, plus open transactions that may write anything."""
         return len(self._writing) + self._writing_all
 
-    def invalidate(self, tables: Iterable[str], source: str) -> int:
-        """A write to ``tables`` committed: drop every entry that read one; return how many."""
+    def invalidate(self, tables: Iterable[str], source: str,
+                   columns: Mapping[str, frozenset[str]] | None = None) -> int:
+        """A write to ``tables`` committed: drop every entry that read one; return how many.
+
+        ``columns``: for some of the tables (match keys), the only columns the write changed (an
+        UPDATE's SET list): an entry that depends on known columns of such a table, none of them
+        changed, stays. Reads racing the write are still refused whatever their columns
+        (``put``: "stale"): the per-table sequence does not know columns."""
         self._check_source(source)
         self._invalidations[source] = self._invalidations.get(source, 0) + 1
         self._sequence += 1
@@ -506,7 +520,15 @@ class ResultCache:
             invalidated_at[match_key] = sequence
             keys = self._index.get(match_key)
             if keys:
+                changed = columns.get(match_key) if columns else None
+                entries = self._entries
                 for key in list(keys):
+                    if changed is not None:
+                        read = entries[key].columns
+                        if read is not None:
+                            needed = read.get(match_key)
+                            if needed is not None and needed.isdisjoint(changed):
+                                continue  # the write changed no column this result depends on
                     self._remove(key, "invalidation")
                     removed += 1
         if len(invalidated_at) > self.max_tracked_tables:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .cache import CacheSnapshot, ReadToken, ResultCache, cache_key, decide, table_match_key
+from .columns import read_columns, update_columns
 from .invalidation import InvalidationMonitor
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ _C = ord("C")
 _Z = ord("Z")
 _I = ord("I")
 _ROLLBACK = ("ROLLBACK", "ABORT")
+_COLUMN_MEMO = 10_000
+_MEMO_TEXT_LIMIT = 8_000  # below Fingerprinter.max_normalized_chars: a normalised text shorter is whole
 _UNKNOWN_WRITERS = ("CALL", "DO", "EXECUTE")
 
 # What classify() says about a statement.
@@ -99,11 +102,12 @@ class FrontSnapshot:
 class Fill:
     """A cacheable miss in flight: the response bytes as they are forwarded to the client."""
 
-    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead", "extended")
+    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead", "extended", "columns")
 
     def __init__(self, key: bytes, tables: tuple[str, ...], ttl: float, token: ReadToken, limit: int,
-                 extended: bool = False) -> None:
+                 extended: bool = False, columns: dict[str, frozenset[str]] | None = None) -> None:
         self.extended = extended
+        self.columns = columns  # per table, the only columns the result depends on (see proxy.columns)
         self.key = key
         self.tables = tables
         self.ttl = ttl
@@ -192,6 +196,11 @@ class CacheFront:
         self.cache = ResultCache(settings.max_bytes, settings.max_result_bytes)
         self.monitors: dict[str, InvalidationMonitor] = {}
         self.fills = 0  # Fills started (for tests and the API)
+        self.column_invalidation = settings.column_invalidation
+        # proxy.columns' answers by (fingerprint id, normalised text): texts that differ only in
+        # literal values reference the same columns. Cleared when it reaches _COLUMN_MEMO.
+        self._reads: dict[tuple[str, str], dict[str, frozenset[str]]] = {}
+        self._updates: dict[tuple[str, str], tuple[str, frozenset[str]] | None] = {}
 
     # ------------------------------------------------------------------ monitors
     def monitor_for(self, database: str, endpoint: Endpoint) -> InvalidationMonitor:
@@ -258,8 +267,35 @@ class CacheFront:
                     return None
         cache.record_miss()
         self.fills += 1
+        columns = None
+        if self.column_invalidation and monitor.column_safe:
+            user_functions = monitor.user_functions
+            if not any(function.rsplit(".", 1)[-1] in user_functions for function in fp.functions):
+                columns = self._read_columns(fp, sql, encoding)
         return Fill(key, decision.tables, decision.ttl, cache.begin_read(decision.tables),
-                    cache.max_result_bytes + 6, bool(segment))
+                    cache.max_result_bytes + 6, bool(segment), columns)
+
+    def _read_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, frozenset[str]] | None:
+        memo_key = (fp.id, fp.normalized)
+        found = self._reads.get(memo_key)
+        if found is None:
+            found = read_columns(_text(sql, encoding))
+            if len(fp.normalized) < _MEMO_TEXT_LIMIT:  # a capped text may not tell two apart
+                if len(self._reads) >= _COLUMN_MEMO:
+                    self._reads.clear()
+                self._reads[memo_key] = found
+        return found or None
+
+    def _update_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> tuple[str, frozenset[str]] | None:
+        memo_key = (fp.id, fp.normalized)
+        if memo_key in self._updates:
+            return self._updates[memo_key]
+        found = update_columns(_text(sql, encoding))
+        if len(fp.normalized) < _MEMO_TEXT_LIMIT:
+            if len(self._updates) >= _COLUMN_MEMO:
+                self._updates.clear()
+            self._updates[memo_key] = found
+        return found
 
     def finish(self, fill: Fill, status: int) -> bool:
         """The ReadyForQuery that ends ``fill`` came with ``status``: store it if it may be."""
@@ -272,24 +308,30 @@ class CacheFront:
         if rows < 0:
             cache.record_rejected("not_a_result")
             return False
-        return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token)
+        return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token, fill.columns)
 
     # ------------------------------------------------------------------ writes
-    def classify(self, sql: bytes, encoding: str,
-                 monitor: InvalidationMonitor | None) -> tuple[int, set[str], bool]:
+    def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None
+                 ) -> tuple[int, set[str], bool, dict[str, frozenset[str]] | None]:
         """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK|CHAIN, match keys of the
-        tables written, whether it is DDL). Writes are expanded with the tables their foreign-key
-        actions change; a write through a view or to a table with the application's AFTER
-        triggers may reach tables no one can name: FLUSH."""
+        tables written, whether it is DDL, and for an UPDATE of a column-safe table the columns it
+        sets: {match key: columns}, else None). Writes are expanded with the tables their
+        foreign-key actions change (per table); a write through a view or to a table with the
+        application's AFTER triggers may reach tables no one can name: FLUSH."""
         fp = self.fingerprinter.of_bytes(sql, encoding)
         action, tables = self._action(fp, monitor)
         ddl = fp.kind == "ddl"
         if action != WRITE:
-            return action, set(), ddl
+            return action, set(), ddl, None
         keys = {table_match_key(table) for table in tables}
         if monitor is not None and not monitor.expand_writes(keys):
-            return FLUSH, set(), ddl
-        return WRITE, keys, ddl
+            return FLUSH, set(), ddl, None
+        columns = None
+        if fp.kind == "update" and self.column_invalidation and monitor is not None and monitor.column_safe:
+            found = self._update_columns(fp, sql, encoding)
+            if found is not None and found[0] in monitor.column_safe and found[0] in keys:
+                columns = {found[0]: found[1]}
+        return WRITE, keys, ddl, columns
 
     @staticmethod
     def _action(fp: Fingerprint, monitor: InvalidationMonitor | None) -> tuple[int, tuple[str, ...]]:
@@ -324,3 +366,8 @@ class CacheFront:
         return WRITE, fp.tables
 
 
+def _text(sql: bytes, encoding: str) -> str:
+    try:
+        return sql.decode(encoding, "replace")
+    except LookupError:  # an encoding Python does not know
+        return sql.decode("utf-8", "replace")

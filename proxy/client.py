@@ -217,6 +217,8 @@ class ClientSession(asyncio.Protocol):
         # extended-protocol segment without the hint in its own bytes may still Bind it.
         self._hint_parsed = False
         self._written: set[str] = set()  # match keys of the tables the open transaction wrote
+        # Of those, the columns its UPDATEs set, per table; None: something else wrote it too.
+        self._written_columns: dict[str, set[str] | None] = {}
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
         self._unnoted = False  # statements went unclassified while no read had ever been cached
@@ -1131,12 +1133,24 @@ class ClientSession(asyncio.Protocol):
             # by the time this transaction commits, it flushes (see _commit).
             self._unnoted = True
             return
-        action, keys, ddl = front.classify(sql, self._encoding, front.monitors.get(self.database))
+        action, keys, ddl, columns = front.classify(sql, self._encoding, front.monitors.get(self.database))
         if ddl:
             self._ddl = True
         if action == READ:
             return
         if action == WRITE:
+            written = self._written_columns
+            for key in keys:
+                set_now = columns.get(key) if columns else None
+                if key not in written:
+                    written[key] = None if set_now is None else set(set_now)
+                else:
+                    before = written[key]
+                    if before is not None:
+                        if set_now is None:
+                            written[key] = None
+                        else:
+                            before |= set_now
             keys.difference_update(self._written)
             if keys:
                 # Neither served nor stored from now until this transaction ends.
@@ -1165,8 +1179,9 @@ class ClientSession(asyncio.Protocol):
         assert front is not None
         cache = front.cache
         if self._written:
-            cache.end_write(self._written, committed)
+            cache.end_write(self._written, committed, self._columns_written())
             self._written.clear()
+            self._written_columns.clear()
         if self._flush:
             cache.end_write_all(committed)
             self._flush = False
@@ -1175,6 +1190,11 @@ class ClientSession(asyncio.Protocol):
             if monitor is not None:
                 monitor.refresh_soon()
         self._ddl = self._chained = False
+
+    def _columns_written(self) -> dict[str, frozenset[str]] | None:
+        """For the invalidation: the tables only UPDATEs of known columns wrote, and those columns."""
+        found = {key: frozenset(columns) for key, columns in self._written_columns.items() if columns is not None}
+        return found or None
 
     def _commit(self, final: bool) -> None:
         """ReadyForQuery with no transaction open: what was written is committed; evict it.
@@ -1190,7 +1210,7 @@ class ClientSession(asyncio.Protocol):
             self._end_writes(committed=True)
         else:
             if self._written:
-                front.cache.invalidate(self._written, "proxy")
+                front.cache.invalidate(self._written, "proxy", self._columns_written())
             if self._flush:
                 front.cache.flush("proxy")
 

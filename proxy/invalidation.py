@@ -3,11 +3,16 @@ the result cache needs (issue 4, invalidation paths 2 and 4).
 
 Owns the database side of the cache's correctness:
 
-- ``install_triggers`` puts one statement-level trigger (``pgsidecar_cache_invalidate``, AFTER
-  INSERT OR UPDATE OR DELETE OR TRUNCATE) on each table; it calls ``pgsidecar_cache_notify()``,
-  which ``pg_notify``s the channel ``pgsidecar_cache`` with a JSON array of the table's name and
-  the names of its partition ancestors (a write straight into a partition also invalidates results
-  that read the partitioned table). NOTIFY is transactional: a rolled-back write sends nothing, a
+- ``install_triggers`` puts statement-level triggers on each table: ``pgsidecar_cache_invalidate``
+  (AFTER INSERT OR DELETE OR TRUNCATE) and one ``pgsidecar_cache_col_<attnum>`` per column (AFTER
+  UPDATE OF that column). They call ``pgsidecar_cache_notify()``, which ``pg_notify``s the channel
+  ``pgsidecar_cache`` with a JSON array of the table's name and the names of its partition
+  ancestors (a write straight into a partition also invalidates results that read the partitioned
+  table), or, from a column trigger, ``{"tables": [...], "columns": [the column]}``: an UPDATE then
+  evicts only the results that read a column it set (``proxy.columns``). Tables set up before the
+  column triggers existed have one trigger that also fires on UPDATE and names only the table:
+  still tracked, evicted per table. A column added later has no trigger: the table is no longer
+  tracked (its results are not cached) until ``install-triggers`` runs again. NOTIFY is transactional: a rolled-back write sends nothing, a
   committed one is delivered after its commit, and PostgreSQL folds identical payloads of one
   transaction into one.
 - ``InvalidationMonitor`` (one per database the proxy serves) holds a LISTEN connection (asyncpg)
@@ -31,7 +36,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .cache import ResultCache, table_match_key
-from .protocol import quote_ident
+from .protocol import quote_ident, quote_literal
 
 if TYPE_CHECKING:
     from .server import Endpoint
@@ -45,16 +50,25 @@ FUNCTION = "pgsidecar_cache_notify"
 DDL_FUNCTION = "pgsidecar_cache_ddl_notify"
 EVENT_TRIGGERS = ("pgsidecar_cache_ddl", "pgsidecar_cache_drop")
 
+COLUMN_TRIGGER_PREFIX = "pgsidecar_cache_col_"  # + attnum: AFTER UPDATE OF that column
+
 FUNCTION_SQL = f"""
 CREATE OR REPLACE FUNCTION public.{FUNCTION}() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
+DECLARE
+    names json;
 BEGIN
     -- pg_partition_ancestors lists a partition and its ancestors, and nothing for a plain table.
-    PERFORM pg_notify('{CHANNEL}', COALESCE(
-        (SELECT json_agg(c.relname)::text
+    names := COALESCE(
+        (SELECT json_agg(c.relname)
          FROM pg_partition_ancestors(TG_RELID) AS a
          JOIN pg_class AS c ON c.oid = a.relid),
-        json_build_array(TG_TABLE_NAME)::text));
+        json_build_array(TG_TABLE_NAME));
+    IF TG_NARGS > 0 THEN  -- a column trigger: UPDATE ... SET that column
+        PERFORM pg_notify('{CHANNEL}', json_build_object('tables', names, 'columns', to_json(TG_ARGV))::text);
+    ELSE
+        PERFORM pg_notify('{CHANNEL}', names::text);
+    END IF;
     RETURN NULL;
 END
 $fn$
@@ -99,10 +113,40 @@ WHERE c.relkind IN ('r', 'p')
 ORDER BY 1, 2
 """
 
+# Per table with the trigger: whether it fires on every UPDATE (as installed before column
+# triggers existed), whether every live column has its enabled column trigger, and whether an
+# UPDATE may change more than it sets (row security, generated columns, BEFORE UPDATE triggers).
+# Tracked: the first or the second. Column-safe: column triggers only, all present, nothing more.
 _TRACKED_SQL = f"""
-SELECT DISTINCT c.relname
+SELECT c.relname,
+       bool_or((t.tgtype::int & 16) <> 0) AS every_update,
+       NOT EXISTS (
+           SELECT 1 FROM pg_attribute AS a
+           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             AND NOT EXISTS (SELECT 1 FROM pg_trigger AS k
+                             WHERE k.tgrelid = c.oid AND k.tgenabled <> 'D'
+                               AND k.tgname = '{COLUMN_TRIGGER_PREFIX}' || a.attnum
+                               AND a.attnum = ANY (k.tgattr::int2[]))) AS covered,
+       c.relrowsecurity
+       OR EXISTS (SELECT 1 FROM pg_attribute AS a
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated <> '')
+       OR EXISTS (SELECT 1 FROM pg_trigger AS b
+                  WHERE b.tgrelid = c.oid AND NOT b.tgisinternal AND b.tgenabled <> 'D'
+                    AND (b.tgtype::int & 2) <> 0 AND (b.tgtype::int & 16) <> 0) AS more_than_set
 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
 WHERE t.tgname = '{TRIGGER}' AND t.tgenabled <> 'D'
+GROUP BY c.oid, c.relname, c.relrowsecurity
+"""
+
+# Functions an application defined (not PostgreSQL's, not an extension's), whatever their
+# volatility: they may read columns a statement's text does not name.
+_USER_FUNCTIONS_SQL = """
+SELECT DISTINCT p.proname
+FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND p.prorettype <> 'trigger'::regtype
+  AND NOT EXISTS (SELECT 1 FROM pg_depend AS d
+                  WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
 """
 
 # Relations whose writes reach other tables, for writes through the proxy: views (their base
@@ -121,6 +165,7 @@ WEBHOOK_WRITES = ("webhook_events", "webhook_deliveries")
 _AFTER_TRIGGERS_SQL = f"""
 SELECT DISTINCT c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
 WHERE NOT t.tgisinternal AND t.tgname NOT IN ('{TRIGGER}', '{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}')
+  AND t.tgname NOT LIKE '{COLUMN_TRIGGER_PREFIX}%'
   AND (t.tgtype::int & 2) = 0
 """
 _CASCADES_SQL = f"""
@@ -145,11 +190,40 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 
+def _drop_column_triggers_sql(qualified: str) -> str:
+    # No "; " inside: migration 0004 splits trigger_sql's text on it.
+    return (f"DO $do$ DECLARE r record;\nBEGIN\n"
+            f"FOR r IN SELECT tgname FROM pg_trigger WHERE tgrelid = {quote_literal(qualified)}::regclass"
+            f" AND tgname LIKE '{COLUMN_TRIGGER_PREFIX}%' LOOP\n"
+            f"EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, {quote_literal(qualified)}::regclass);\n"
+            f"END LOOP;\nEND $do$")
+
+
 def trigger_sql(schema: str, table: str) -> str:
+    """Statements (separated by "; ") that put the cache's triggers on one table: one for INSERT,
+    DELETE and TRUNCATE (it names the table), one per column for UPDATE OF that column (it names
+    the table and the column: an UPDATE evicts only results that read a column it sets)."""
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
+    literal = quote_literal(qualified)
+    columns = (
+        f"DO $do$ DECLARE r record;\nBEGIN\n"
+        f"FOR r IN SELECT attnum, attname FROM pg_attribute WHERE attrelid = {literal}::regclass"
+        f" AND attnum > 0 AND NOT attisdropped LOOP\n"
+        f"EXECUTE format('CREATE TRIGGER %I AFTER UPDATE OF %I ON %s FOR EACH STATEMENT"
+        f" EXECUTE FUNCTION public.{FUNCTION}(%L)', '{COLUMN_TRIGGER_PREFIX}' || r.attnum, r.attname,"
+        f" {literal}::regclass, r.attname);\n"
+        f"END LOOP;\nEND $do$")
     return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {qualified}; "
-            f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {qualified} "
-            f"FOR EACH STATEMENT EXECUTE FUNCTION public.{FUNCTION}()")
+            f"{_drop_column_triggers_sql(qualified)}; "
+            f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR DELETE OR TRUNCATE ON {qualified} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION public.{FUNCTION}(); "
+            f"{columns}")
+
+
+def drop_trigger_sql(schema: str, table: str) -> str:
+    """Statements (separated by "; ") that remove the cache's triggers from one table."""
+    qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
+    return f"DROP TRIGGER IF EXISTS {TRIGGER} ON {qualified}; {_drop_column_triggers_sql(qualified)}"
 
 
 async def install_triggers(conn: Any, tables: list[str] | None = None) -> list[str]:
@@ -199,7 +273,7 @@ async def remove_triggers(conn: Any) -> list[str]:
         "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1::text[])", list(EVENT_TRIGGERS))
     async with conn.transaction():
         for row in rows:
-            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {quote_ident(row[0])}.{quote_ident(row[1])}")
+            await conn.execute(drop_trigger_sql(row[0], row[1]))
         await conn.execute(f"DROP FUNCTION IF EXISTS public.{FUNCTION}()")
         if has_events:
             for name in EVENT_TRIGGERS:
@@ -227,15 +301,22 @@ def cascade_closure(edges: Any) -> dict[str, frozenset[str]]:
     return closure
 
 
-def parse_payload(payload: str) -> list[str]:
-    """Table names of one notification: a JSON array of names, or a bare name."""
+def parse_payload(payload: str) -> tuple[list[str], frozenset[str] | None]:
+    """Table names of one notification and, from a column trigger, the column the UPDATE set
+    (None: every column may have changed). A JSON array of names, an object
+    ``{"tables": [...], "columns": [...]}``, or a bare name."""
     try:
         names = json.loads(payload)
     except ValueError:
-        return [payload] if payload else []
+        return ([payload] if payload else []), None
+    if isinstance(names, dict):
+        tables, columns = names.get("tables"), names.get("columns")
+        if isinstance(tables, list) and isinstance(columns, list) and columns:
+            return [str(name) for name in tables], frozenset(str(column) for column in columns)
+        return ([str(name) for name in tables] if isinstance(tables, list) else []), None
     if isinstance(names, list):
-        return [str(name) for name in names]
-    return [str(names)] if names is not None else []
+        return [str(name) for name in names], None
+    return ([str(names)] if names is not None else []), None
 
 
 async def close_quietly(closable: Any, timeout: float = 2.0) -> None:
@@ -321,6 +402,10 @@ class InvalidationMonitor(ListenLoop):
         self.refresh_s = refresh_s
         self.ready = False  # listening: results of this database may be served and stored
         self.tracked: frozenset[str] = frozenset()  # match keys of tables with the trigger
+        # Tables whose UPDATEs are notified per column and change only what they set (see
+        # _TRACKED_SQL): their UPDATEs evict only results that read a column set.
+        self.column_safe: frozenset[str] = frozenset()
+        self.user_functions: frozenset[str] = frozenset()  # lowercased names, any volatility
         self.writer_functions: frozenset[str] = frozenset()  # lowercased names
         self.views: frozenset[str] = frozenset()  # match keys of views
         self.after_triggers: frozenset[str] = frozenset()  # tables with the app's AFTER triggers
@@ -379,22 +464,30 @@ class InvalidationMonitor(ListenLoop):
         conn = self._conn
         tracked = await conn.fetch(_TRACKED_SQL)
         writers = await conn.fetch(_WRITER_FUNCTIONS_SQL)
+        user_functions = await conn.fetch(_USER_FUNCTIONS_SQL)
         views = await conn.fetch(_VIEWS_SQL)
         after = await conn.fetch(_AFTER_TRIGGERS_SQL)
         edges = await conn.fetch(_CASCADES_SQL)
-        new_tracked = frozenset(table_match_key(r[0]) for r in tracked)
+        new_tracked = frozenset(table_match_key(r[0]) for r in tracked if r[1] or r[2])
+        unsafe = {table_match_key(r[0]) for r in tracked if r[1] or not r[2] or r[3]}
+        new_safe = frozenset(table_match_key(r[0]) for r in tracked) - unsafe
+        new_user_functions = frozenset(r[0].lower() for r in user_functions)
         new_writers = frozenset(r[0].lower() for r in writers)
         new_views = frozenset(table_match_key(r[0]) for r in views)
         new_after = frozenset(table_match_key(r[0]) for r in after)
         new_cascades = cascade_closure((table_match_key(r[0]), table_match_key(r[1])) for r in edges)
         loosened = (not new_tracked >= self.tracked or not new_writers <= self.writer_functions
                     or not new_views <= self.views or not new_after <= self.after_triggers
-                    or new_cascades != self.cascades)
+                    or new_cascades != self.cascades
+                    or not new_user_functions <= self.user_functions)
         if self.ready and loosened:
-            # A trigger was dropped, a writer function or a foreign-key action appeared ...: entries
+            # A trigger was dropped, a writer function, a user function (results stored per column
+            # may depend on what it reads) or a foreign-key action appeared ...: entries
             # stored under the old facts may no longer be invalidated when they should be.
             self.cache.flush("flush")
         self.tracked = new_tracked
+        self.column_safe = new_safe
+        self.user_functions = new_user_functions
         self.writer_functions = new_writers
         self.views = new_views
         self.after_triggers = new_after
@@ -402,14 +495,23 @@ class InvalidationMonitor(ListenLoop):
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
-        tables = parse_payload(payload)
+        tables, columns = parse_payload(payload)
         if tables:
-            self.cache.invalidate(tables, "notify")
+            self.cache.invalidate(tables, "notify", self.columns_of(tables, columns))
+
+    def columns_of(self, tables: Any, columns: frozenset[str] | None) -> dict[str, frozenset[str]] | None:
+        """The invalidation's column map for an UPDATE of ``tables`` that set ``columns``: only
+        for the column-safe ones (None: per table)."""
+        if columns is None or not self.column_safe:
+            return None
+        safe = self.column_safe
+        found = {key: columns for key in map(table_match_key, tables) if key in safe}
+        return found or None
 
     def _ddl_notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         """DDL straight on the server: evict its tables, and re-read the catalog facts."""
         self.notifications += 1
-        tables = parse_payload(payload)
+        tables, _ = parse_payload(payload)
         if tables:
             self.cache.invalidate(tables, "notify")
         self.refresh_soon()

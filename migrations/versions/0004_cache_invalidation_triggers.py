@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from proxy.invalidation import FUNCTION, FUNCTION_SQL, TRIGGER, trigger_sql
+from proxy.invalidation import FUNCTION, FUNCTION_SQL, drop_trigger_sql, trigger_sql
 
 revision = "0004"
 down_revision = "0003"
@@ -30,7 +30,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in reversed(TABLES):
-        op.execute(f'DROP TRIGGER IF EXISTS {TRIGGER} ON public."{table}"')
+        for statement in drop_trigger_sql("public", table).split("; "):
+            op.execute(statement)
     op.execute(f"""
 DO $$
 BEGIN

@@ -99,6 +99,8 @@ READS = (
     "select a.id, a.balance, o.name from {acc} a join {own} o on o.id = a.owner"
     " where a.owner = %(k)s order by a.id",
     "select id, 12 / balance from {acc} where id = %(k)s",  # 22012 division_by_zero when balance is 0
+    # Column-level invalidation: UPDATEs that set only balance leave it cached, of owner evict it.
+    "select id, owner from {acc} where owner <= %(k)s order by id",
 )
 FAILING_READ = 5  # not used after a write in one Query (an error would undo the write)
 WRITES = (  # (table written, statement): each writes the row with id %(k)s and no other
@@ -112,6 +114,7 @@ WRITES = (  # (table written, statement): each writes the row with id %(k)s and 
     ("own", "insert into {own} (id, name) values (%(k)s, %(n)s)"
             " on conflict (id) do update set name = excluded.name"),
     ("own", "delete from {own} where id = %(k)s"),
+    ("acc", "update {acc} set owner = %(o)s where id = %(k)s"),  # evicts only reads of owner
 )
 PROTOCOLS = ("simple", "extended", "prepared")
 BEGINS = ("begin", "start transaction", "begin isolation level read committed")
@@ -264,21 +267,21 @@ class HeldNotifications:
 
     def __init__(self, cache: Any) -> None:
         self._cache = cache
-        self.held: list[tuple[list[str], str]] = []
+        self.held: list[tuple[list[str], str, Any]] = []
         self.sentinels: set[str] = set()
         self.released = 0
 
-    def invalidate(self, tables: Any, source: str) -> int:
+    def invalidate(self, tables: Any, source: str, columns: Any = None) -> int:
         names = list(tables)
         if len(names) == 1 and names[0].startswith(SENTINEL):
             self.sentinels.add(names[0])
         else:
-            self.held.append((names, source))
+            self.held.append((names, source, columns))
         return 0
 
     def release(self) -> int:
-        for names, source in self.held:
-            self._cache.invalidate(names, source)
+        for names, source, columns in self.held:
+            self._cache.invalidate(names, source, columns)
         self.released += len(self.held)
         self.held.clear()
         return self.released
@@ -713,6 +716,13 @@ ANCHORS: list[list[Step]] = [
      Repeat(0, 0)],
     # A write behind the proxy's back reaches the cache through NOTIFY.
     [Read(0, 1, 1, "extended"), Repeat(1, 0), Direct(((1, 3, 2),)), Repeat(2, 0)],
+    # Column-level invalidation: an UPDATE of balance (proxy, then direct) keeps the read of
+    # owners; an UPDATE of owner evicts it, through the proxy and behind its back; so does an
+    # INSERT and a DELETE (rows come and go), and an UPDATE of owner in a CTE.
+    [Read(0, 6, 3, "simple"), Write(1, 0, 1, 3, "simple", True), Repeat(2, 0),
+     Direct(((0, 2, 5),)), Repeat(0, 0), Write(1, 7, 1, 2, "extended", True), Repeat(2, 0),
+     Direct(((7, 2, 4),)), Repeat(1, 0), Write(2, 2, 3, 0, "simple", True), Repeat(0, 0),
+     Write(0, 1, 3, 5, "prepared", True), Repeat(1, 0), Direct(((3, 1, 6),)), Repeat(2, 0)],
     # Pipelined: a transaction that commits behind a write the server has not run yet.
     [Read(0, 0, 1, "simple"), Pipelined(((0, 1, 3), "begin", (1, 2, 2), "commit")), Repeat(1, 0)],
 ]

@@ -2,6 +2,8 @@
 ``pgsidecar migrate`` command as an operator runs it, and the catalog as the witness."""
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -165,9 +167,12 @@ def test_views_refresh_concurrently_and_cache_trigger_notifies(fresh_db: Any) ->
 
     listener = connect()
     listener.execute("LISTEN pgsidecar_cache")
-    conn.execute("UPDATE jobs SET title = title WHERE id = 1")
-    notes = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
-    assert notes == ['["jobs"]']
+    conn.execute("UPDATE jobs SET title = title WHERE id = 1")  # a column trigger: names the column
+    notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert notes == [{"tables": ["jobs"], "columns": ["title"]}]
+    conn.execute("DELETE FROM jobs WHERE id = -1")  # the table trigger (statement-level: fires for 0 rows)
+    notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert notes == [["jobs"]]
 
 
 def test_two_runners_at_once_apply_each_revision_once(fresh_db: Any) -> None:
