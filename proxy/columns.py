@@ -56,11 +56,12 @@ def _name(field: dict[str, Any]) -> str | None:
 class _Walk:
     """One pass over a SELECT's parse tree: table aliases, other aliases, column references."""
 
-    __slots__ = ("aliases", "others", "refs", "using", "everything", "tables")
+    __slots__ = ("aliases", "ctes", "everything", "others", "refs", "tables", "using")
 
     def __init__(self) -> None:
         self.aliases: dict[str, set[str]] = {}  # alias or table name -> match keys of tables
         self.others: set[str] = set()  # aliases of subqueries, CTEs and functions
+        self.ctes: set[str] = set()
         self.refs: list[list[dict[str, Any]]] = []  # ColumnRef fields
         self.using: set[str] = set()
         self.everything = False  # NATURAL join: no column knowledge at all
@@ -87,6 +88,7 @@ class _Walk:
                         self.others.add(alias.get("aliasname", ""))
                 elif key == "CommonTableExpr":
                     self.others.add(value.get("ctename", ""))
+                    self.ctes.add(value.get("ctename", ""))
                 elif key == "JoinExpr":
                     if value.get("isNatural"):
                         self.everything = True
@@ -107,6 +109,11 @@ class _Walk:
             self.aliases.setdefault(alias["aliasname"], set()).add(key)
 
     def result(self) -> dict[str, frozenset[str]]:
+        # A RangeVar naming a CTE is no table: its references are the CTE's own. (A real table of
+        # that name elsewhere in the statement drops out too: it then depends on every column.)
+        for name in self.ctes:
+            self.tables.pop(table_match_key(name), None)
+            self.aliases.pop(name, None)
         if self.everything or not self.tables:
             return {}
         columns: dict[str, set[str] | None] = {

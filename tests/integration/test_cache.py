@@ -37,7 +37,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from proxy.cache import CacheSnapshot
+from proxy.cache import CacheSnapshot, table_match_key
 from proxy.invalidation import FUNCTION_SQL, trigger_sql
 from tests.helpers.proxy_thread import RunningProxy
 from tests.helpers.wire import RawClient, wait_until
@@ -634,6 +634,92 @@ def test_hinted_mode_in_the_extended_protocol_follows_the_statement_not_the_segm
             await conn.close()
 
     assert asyncio.run(run()) == ["old", "old", "old", "old", "old", "hidden", "old"]
+
+
+# ============================================================================= column-level invalidation
+
+
+def _two_column_reads(proxy: RunningProxy, conn: Any, t: str) -> tuple[str, str]:
+    """Cache "select v" and "select w" of row 1 (misses that store), and check both now hit."""
+    read_v, read_w = f"select v from {t} where id = 1", f"select w from {t} where id = 1"
+    assert (one(conn, read_v), one(conn, read_w)) == ("v0", "w0")
+    before = counters(proxy)
+    assert (one(conn, read_v), one(conn, read_w)) == ("v0", "w0")
+    assert _delta(before, counters(proxy)) == {"hits": 2}
+    return read_v, read_w
+
+
+def test_an_update_evicts_only_the_results_that_read_a_column_it_sets(proxy_factory: Any, server: Server) -> None:
+    proxy = proxy_factory(cache__mode="all")
+    t = server.table([(1, "v0", "w0")], columns="id int primary key, v text, w text")
+    with _ready_client(proxy) as conn:
+        assert proxy.run(lambda: table_match_key(t) in _monitor(proxy).column_safe)
+        read_v, read_w = _two_column_reads(proxy, conn, t)
+        # Through the proxy: SET w evicts the read of w at commit, not the read of v. The v read
+        # is proven to come from memory by a hidden change of v (no NOTIFY) that it does not see.
+        server.hidden(f"update {t} set v = 'v-hidden'")
+        conn.execute(f"update {t} set w = 'w1' where id = 1")
+        before = counters(proxy)
+        assert (one(conn, read_v), one(conn, read_w)) == ("v0", "w1")
+        delta = _delta(before, counters(proxy))
+        assert delta["hits"] == 1 and delta["misses"] == 1, delta
+
+        # Behind the proxy's back: the column trigger's NOTIFY names w; the read of v stays.
+        notified = proxy.run(lambda: _monitor(proxy).notifications)
+        server.write(f"update {t} set w = 'w2' where id = 1")
+        wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) > notified)
+        assert (one(conn, read_v), one(conn, read_w)) == ("v0", "w2")
+        # ... and a NOTIFY naming v evicts it: the hidden change shows at last.
+        notified = proxy.run(lambda: _monitor(proxy).notifications)
+        server.write(f"update {t} set v = v || '!' where id = 1")
+        wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) > notified)
+        assert one(conn, read_v) == "v-hidden!"
+
+        # A transaction that updates w, then v: at commit both reads are evicted.
+        _ = [one(conn, q) for q in (read_v, read_w)]
+        with conn.transaction():
+            conn.execute(f"update {t} set w = 'w3' where id = 1")
+            conn.execute(f"update {t} set v = 'v3' where id = 1")
+        assert (one(conn, read_v), one(conn, read_w)) == ("v3", "w3")
+        # Rows coming and going evict every read of the table, whatever its columns.
+        _ = [one(conn, q) for q in (read_v, read_w)]
+        conn.execute(f"insert into {t} values (2, 'v', 'w')")
+        before = counters(proxy)
+        _ = [one(conn, q) for q in (read_v, read_w)]
+        assert _delta(before, counters(proxy)).get("hits", 0) == 0
+
+
+@pytest.mark.parametrize("how", ["before_trigger", "setting_off", "column_added"])
+def test_column_level_invalidation_falls_back_to_the_table(proxy_factory: Any, server: Server, how: str) -> None:
+    """A BEFORE UPDATE trigger may change columns the UPDATE does not set; with
+    cache.column_invalidation off every write evicts per table; a column added after the triggers
+    has none, so an UPDATE of it would go unseen: the table is no longer cached at all."""
+    t = server.table([(1, "v0", "w0")], columns="id int primary key, v text, w text")
+    if how == "before_trigger":
+        server.conn.execute(
+            f"create function {t}_touch() returns trigger language plpgsql as "
+            "$$ begin new.v := new.v || '+'; return new; end $$")
+        server.functions.append(f"{t}_touch")
+        server.conn.execute(f"create trigger touch before update on {t} for each row execute function {t}_touch()")
+    proxy = proxy_factory(cache__mode="all", cache__column_invalidation=how != "setting_off")
+    with _ready_client(proxy) as conn:
+        if how == "column_added":
+            server.conn.execute(f"alter table {t} add column x text")
+            proxy.run(_monitor(proxy).refresh_soon)
+            wait_until(lambda: proxy.run(lambda: table_match_key(t) not in _monitor(proxy).tracked))
+            before = counters(proxy)
+            assert one(conn, f"select v from {t} where id = 1") == "v0"
+            assert _delta(before, counters(proxy)) == {"bypasses.no_trigger": 1}
+            return
+        assert proxy.run(lambda: table_match_key(t) in _monitor(proxy).column_safe) == (how == "setting_off")
+        read_v, read_w = _two_column_reads(proxy, conn, t)
+        conn.execute(f"update {t} set w = 'w1' where id = 1")
+        expected_v = "v0+" if how == "before_trigger" else "v0"
+        assert (one(conn, read_v), one(conn, read_w)) == (expected_v, "w1")
+        # Per table: the read of v was evicted too (for the BEFORE trigger: it had to be).
+        before = counters(proxy)
+        assert (one(conn, read_v), one(conn, read_w)) == (expected_v, "w1")
+        assert _delta(before, counters(proxy)) == {"hits": 2}
 
 
 def test_uncacheable_selects_bypass_with_their_reason(proxy_factory: Any, server: Server) -> None:
