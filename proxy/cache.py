@@ -328,7 +328,8 @@ class ResultCache:
 
     __slots__ = ("max_bytes", "max_result_bytes", "max_tracked_tables", "_clock", "_entries", "_index",
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
-                 "_writing", "_writing_all",
+                 "_writing", "_writing_all", "_writing_unknown", "_writing_columns", "_column_invalidated_at",
+                 "_any_invalidated_at",
                  "_evictions", "_rejected", "_invalidations", "_bypasses")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
@@ -345,9 +346,16 @@ class ResultCache:
         self._index: dict[str, set[bytes]] = {}  # table match key -> keys of entries that read it
         self._bytes = 0
         self._sequence = 0  # taken by every invalidation, flush, pause and resume
-        self._invalidated_at: dict[str, int] = {}  # table match key -> sequence of its last invalidation
+        # table match key -> sequence of its last invalidation of every column, of its last
+        # invalidation of any kind, and of the last invalidation of each column (UPDATE ... SET)
+        self._invalidated_at: dict[str, int] = {}
+        self._any_invalidated_at: dict[str, int] = {}
+        self._column_invalidated_at: dict[str, dict[str, int]] = {}
         self._floor = 0  # tokens older than this are stale (flush, pause, resume)
         self._writing: dict[str, int] = {}  # table match key -> open transactions writing it
+        # ... of them, those writing columns no one knows, and per column those that set it
+        self._writing_unknown: dict[str, int] = {}
+        self._writing_columns: dict[str, dict[str, int]] = {}
         self._writing_all = 0  # open transactions that may write anything
         self._paused = False
         self.hits = 0
@@ -391,8 +399,9 @@ class ResultCache:
         entry = self._entries.get(key)
         if entry is None or self._paused:
             return None
-        if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(entry.match_keys)):
-            return None  # an open transaction writes its tables: the server answers
+        if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(entry.match_keys)
+                                 and self._written_under(entry.match_keys, entry.columns)):
+            return None  # an open transaction writes what it read: the server answers
         if entry.expires_at <= self._clock():
             self._remove(key, "ttl")
             self._invalidations["ttl"] = self._invalidations.get("ttl", 0) + 1
@@ -433,12 +442,20 @@ class ResultCache:
         match_keys = frozenset(table_match_key(table) for table in table_names)
         if token.sequence < self._floor:
             return self._reject("stale")
-        if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(match_keys)):
+        if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(match_keys)
+                                 and self._written_under(match_keys, columns)):
             return self._reject("write_in_flight")
-        invalidated_at = self._invalidated_at
+        sequence = token.sequence
+        any_invalidated_at = self._any_invalidated_at
         for match_key in match_keys:
-            if invalidated_at.get(match_key, 0) > token.sequence:
-                return self._reject("stale")
+            if any_invalidated_at.get(match_key, 0) > sequence:
+                # Something of the table changed after the read began: did what it read?
+                read = columns.get(match_key) if columns else None
+                if read is None or self._invalidated_at.get(match_key, 0) > sequence:
+                    return self._reject("stale")
+                changed = self._column_invalidated_at.get(match_key, {})
+                if any(changed.get(column, 0) > sequence for column in read):
+                    return self._reject("stale")
         expires_at = token.started + ttl
         if expires_at <= self._clock():  # the read took longer than the TTL
             return self._reject("expired")
@@ -462,23 +479,56 @@ class ResultCache:
         self.stores += 1
         return True
 
-    def begin_write(self, tables: Iterable[str]) -> None:
+    def begin_write(self, tables: Iterable[str], columns: Mapping[str, Iterable[str]] | None = None) -> None:
         """An open transaction wrote ``tables`` (not committed yet): until ``end_write``, entries
         that read them are neither served (``get`` misses) nor stored.
 
         Between the server's commit and the moment the proxy learns of it (the ReadyForQuery), a
         read may already see the new rows while cached entries still hold the old ones; with the
         tables marked from the first write on, nothing of them is served or stored in that window.
-        The entries themselves stay: on rollback they are still right."""
+        The entries themselves stay: on rollback they are still right.
+
+        ``columns``: for some of the tables (match keys), the only columns written (UPDATE ... SET);
+        entries that read none of them are still served and stored. A table already marked by the
+        same transaction may be marked again with more columns (or none: every column); ``end_write``
+        releases every mark with the same tables and the union of the columns."""
         writing = self._writing
         for match_key in {table_match_key(table) for table in tables}:
             writing[match_key] = writing.get(match_key, 0) + 1
+            self.mark_columns(match_key, columns.get(match_key) if columns else None)
+
+    def mark_columns(self, match_key: str, columns: Iterable[str] | None) -> None:
+        """Mark ``columns`` of a table ``begin_write`` marked (None: every column)."""
+        if columns is None:
+            self._writing_unknown[match_key] = self._writing_unknown.get(match_key, 0) + 1
+            return
+        marked = self._writing_columns.setdefault(match_key, {})
+        for column in columns:
+            marked[column] = marked.get(column, 0) + 1
+
+    def _written_under(self, match_keys: Iterable[str], columns: Mapping[str, frozenset[str]] | None) -> bool:
+        """An open transaction writes something a result over ``match_keys`` reading ``columns``
+        (see ``put``) depends on."""
+        writing = self._writing
+        for match_key in match_keys:
+            if match_key not in writing:
+                continue
+            read = columns.get(match_key) if columns else None
+            if read is None or self._writing_unknown.get(match_key):
+                return True
+            marked = self._writing_columns.get(match_key)
+            if marked and any(marked.get(column) for column in read):
+                return True
+        return False
 
     def end_write(self, tables: Iterable[str], committed: bool,
-                  columns: Mapping[str, frozenset[str]] | None = None) -> int:
+                  columns: Mapping[str, frozenset[str]] | None = None,
+                  marks: Mapping[str, tuple[frozenset[str], bool]] | None = None) -> int:
         """The transaction that ``begin_write`` marked ``tables`` for ended; when it committed,
         its tables are invalidated once more (reads that began before are not stored).
-        ``columns``: see ``invalidate``."""
+        ``columns``: see ``invalidate``. ``marks``: per table, the columns its ``begin_write`` and
+        ``mark_columns`` calls marked and whether one of them marked every column (without it:
+        every table was marked once for every column)."""
         writing = self._writing
         keys = {table_match_key(table) for table in tables}
         for match_key in keys:
@@ -487,6 +537,16 @@ class ResultCache:
                 writing[match_key] = left
             else:
                 writing.pop(match_key, None)
+            marked, unknown = marks.get(match_key, ((), True)) if marks is not None else ((), True)
+            if unknown:
+                _release(self._writing_unknown, match_key)
+            if marked:
+                counts = self._writing_columns.get(match_key)
+                if counts is not None:
+                    for column in marked:
+                        _release(counts, column)
+                    if not counts:
+                        del self._writing_columns[match_key]
         return self.invalidate(keys, "proxy", columns) if committed and keys else 0
 
     def begin_write_all(self) -> None:
@@ -517,10 +577,16 @@ class ResultCache:
         invalidated_at = self._invalidated_at
         removed = 0
         for match_key in {table_match_key(table) for table in tables}:
-            invalidated_at[match_key] = sequence
+            changed = columns.get(match_key) if columns else None
+            self._any_invalidated_at[match_key] = sequence
+            if changed is None:
+                invalidated_at[match_key] = sequence
+            else:
+                by_column = self._column_invalidated_at.setdefault(match_key, {})
+                for column in changed:
+                    by_column[column] = sequence
             keys = self._index.get(match_key)
             if keys:
-                changed = columns.get(match_key) if columns else None
                 entries = self._entries
                 for key in list(keys):
                     if changed is not None:
@@ -531,8 +597,8 @@ class ResultCache:
                                 continue  # the write changed no column this result depends on
                     self._remove(key, "invalidation")
                     removed += 1
-        if len(invalidated_at) > self.max_tracked_tables:
-            invalidated_at.clear()
+        if len(self._any_invalidated_at) > self.max_tracked_tables:
+            self._forget_invalidations()
             self._bump_floor()  # every token taken so far is stale
         return removed
 
@@ -546,7 +612,7 @@ class ResultCache:
         self._entries.clear()
         self._index.clear()
         self._bytes = 0
-        self._invalidated_at.clear()
+        self._forget_invalidations()
         self._bump_floor()
         return removed
 
@@ -605,6 +671,11 @@ class ResultCache:
         if reason:
             self._evictions[reason] = self._evictions.get(reason, 0) + 1
 
+    def _forget_invalidations(self) -> None:
+        self._invalidated_at.clear()
+        self._any_invalidated_at.clear()
+        self._column_invalidated_at.clear()
+
     def _reject(self, reason: str) -> bool:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
         return False
@@ -618,3 +689,11 @@ class ResultCache:
         if source not in INVALIDATION_SOURCES:
             raise ValueError(f"invalidation source must be one of {', '.join(INVALIDATION_SOURCES)}, "
                              f"got {source!r}")
+
+
+def _release(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

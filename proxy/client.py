@@ -217,8 +217,9 @@ class ClientSession(asyncio.Protocol):
         # extended-protocol segment without the hint in its own bytes may still Bind it.
         self._hint_parsed = False
         self._written: set[str] = set()  # match keys of the tables the open transaction wrote
-        # Of those, the columns its UPDATEs set, per table; None: something else wrote it too.
-        self._written_columns: dict[str, set[str] | None] = {}
+        # Of those, what is marked in the cache (ResultCache.begin_write): the columns its UPDATEs
+        # set, and whether any other write (every column) touched the table.
+        self._marks: dict[str, tuple[set[str], bool]] = {}
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
         self._unnoted = False  # statements went unclassified while no read had ever been cached
@@ -1139,23 +1140,28 @@ class ClientSession(asyncio.Protocol):
         if action == READ:
             return
         if action == WRITE:
-            written = self._written_columns
-            for key in keys:
+            cache = front.cache
+            marks = self._marks
+            for key in keys & self._written:  # marked already: more columns, or every column
+                marked, unknown = marks[key]
+                if unknown:
+                    continue
                 set_now = columns.get(key) if columns else None
-                if key not in written:
-                    written[key] = None if set_now is None else set(set_now)
-                else:
-                    before = written[key]
-                    if before is not None:
-                        if set_now is None:
-                            written[key] = None
-                        else:
-                            before |= set_now
+                if set_now is None:
+                    cache.mark_columns(key, None)
+                    marks[key] = (marked, True)
+                elif not set_now <= marked:
+                    more = set_now - marked
+                    cache.mark_columns(key, more)
+                    marked |= more
             keys.difference_update(self._written)
             if keys:
-                # Neither served nor stored from now until this transaction ends.
-                front.cache.begin_write(keys)
+                # What reads these columns is neither served nor stored until this transaction ends.
+                cache.begin_write(keys, columns)
                 self._written.update(keys)
+                for key in keys:
+                    set_now = columns.get(key) if columns else None
+                    marks[key] = (set(), True) if set_now is None else (set(set_now), False)
         elif action == FLUSH:
             self._write_anything()
         elif action == CHAIN:
@@ -1179,9 +1185,10 @@ class ClientSession(asyncio.Protocol):
         assert front is not None
         cache = front.cache
         if self._written:
-            cache.end_write(self._written, committed, self._columns_written())
+            marks = {key: (frozenset(marked), unknown) for key, (marked, unknown) in self._marks.items()}
+            cache.end_write(self._written, committed, self._columns_written(), marks)
             self._written.clear()
-            self._written_columns.clear()
+            self._marks.clear()
         if self._flush:
             cache.end_write_all(committed)
             self._flush = False
@@ -1193,7 +1200,7 @@ class ClientSession(asyncio.Protocol):
 
     def _columns_written(self) -> dict[str, frozenset[str]] | None:
         """For the invalidation: the tables only UPDATEs of known columns wrote, and those columns."""
-        found = {key: frozenset(columns) for key, columns in self._written_columns.items() if columns is not None}
+        found = {key: frozenset(marked) for key, (marked, unknown) in self._marks.items() if not unknown}
         return found or None
 
     def _commit(self, final: bool) -> None:

@@ -124,3 +124,39 @@ def test_invalidation_keeps_entries_that_read_none_of_the_columns_set() -> None:
     store(b"titles2", ("jobs",), {"jobs": cols("title")})
     assert cache.invalidate(["jobs"], "notify") == 1
     assert len(cache) == 0
+
+
+def test_a_transaction_writing_some_columns_hides_only_the_entries_that_read_them() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+    titles, salaries = {"jobs": cols("title")}, {"jobs": cols("salary_max")}
+    token = cache.begin_read(["jobs"])
+    assert cache.put(b"titles", b"t", ["jobs"], 60, token, titles)
+    assert cache.put(b"salaries", b"s", ["jobs"], 60, token, salaries)
+    assert cache.put(b"all", b"a", ["jobs"], 60, token)
+    cache.begin_write(["jobs"], {"jobs": cols("salary_max")})  # an open UPDATE ... SET salary_max
+    assert cache.peek(b"titles") == b"t"
+    assert cache.peek(b"salaries") is None and cache.peek(b"all") is None
+    # Reads that start now: stored if they read none of the columns being written.
+    token = cache.begin_read(["jobs"])
+    assert cache.put(b"titles2", b"t", ["jobs"], 60, token, titles)
+    assert not cache.put(b"salaries2", b"s", ["jobs"], 60, token, salaries)  # write_in_flight
+    # The same transaction then writes every column (a DELETE): nothing of jobs is served.
+    cache.mark_columns("jobs", None)
+    assert cache.peek(b"titles") is None
+    cache.end_write(["jobs"], committed=False, marks={"jobs": (cols("salary_max"), True)})
+    assert cache.peek(b"titles") == b"t" and cache.peek(b"all") == b"a"  # rolled back: all still right
+    assert cache.writes_in_flight() == 0
+    assert not cache._writing_columns and not cache._writing_unknown  # noqa: SLF001 - every mark released
+
+
+def test_a_read_racing_an_update_is_refused_only_if_it_read_a_column_set() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+    token = cache.begin_read(["jobs", "companies"])
+    cache.invalidate(["jobs"], "notify", {"jobs": cols("salary_max")})
+    assert cache.put(b"titles", b"t", ["jobs", "companies"], 60, token, {"jobs": cols("title"), "companies": cols("name")})
+    assert not cache.put(b"salaries", b"s", ["jobs"], 60, token, {"jobs": cols("salary_max")})
+    assert not cache.put(b"all", b"a", ["jobs"], 60, token)  # depends on every column: stale
+    cache.invalidate(["companies"], "proxy")  # every column of companies
+    assert not cache.put(b"titles2", b"t", ["jobs", "companies"], 60, token,
+                         {"jobs": cols("title"), "companies": cols("name")})
+    assert cache.snapshot().rejected == {"stale": 3}
