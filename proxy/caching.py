@@ -207,7 +207,8 @@ class CacheFront:
         monitor = self.monitors.get(database)
         if monitor is None:
             monitor = self.monitors[database] = InvalidationMonitor(
-                self.cache, endpoint, self.settings.catalog_refresh_s)
+                self.cache, endpoint, self.settings.catalog_refresh_s,
+                column_invalidation=self.column_invalidation)
             monitor.start()
         return monitor
 

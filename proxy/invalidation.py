@@ -395,8 +395,10 @@ class InvalidationMonitor(ListenLoop):
 
     FAILED_EVENT = "cache_listen_failed"
 
-    def __init__(self, cache: ResultCache, endpoint: Endpoint, refresh_s: float = 30.0) -> None:
+    def __init__(self, cache: ResultCache, endpoint: Endpoint, refresh_s: float = 30.0, *,
+                 column_invalidation: bool = True) -> None:
         self.cache = cache
+        self.column_invalidation = column_invalidation  # else every notification evicts per table
         self.endpoint = endpoint
         self.database = endpoint.database
         self.refresh_s = refresh_s
@@ -502,7 +504,7 @@ class InvalidationMonitor(ListenLoop):
     def columns_of(self, tables: Any, columns: frozenset[str] | None) -> dict[str, frozenset[str]] | None:
         """The invalidation's column map for an UPDATE of ``tables`` that set ``columns``: only
         for the column-safe ones (None: per table)."""
-        if columns is None or not self.column_safe:
+        if columns is None or not self.column_safe or not self.column_invalidation:
             return None
         safe = self.column_safe
         found = {key: columns for key in map(table_match_key, tables) if key in safe}

@@ -649,41 +649,50 @@ def _two_column_reads(proxy: RunningProxy, conn: Any, t: str) -> tuple[str, str]
     return read_v, read_w
 
 
+def _notified(proxy: RunningProxy, write: Callable[[], Any], count: int = 1) -> None:
+    """Run ``write`` and wait until the ``count`` notifications its triggers send are in: a
+    notification arriving later could evict what the next reads store (or make them stale)."""
+    seen = proxy.run(lambda: _monitor(proxy).notifications)
+    write()
+    wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) >= seen + count)
+
+
 def test_an_update_evicts_only_the_results_that_read_a_column_it_sets(proxy_factory: Any, server: Server) -> None:
     proxy = proxy_factory(cache__mode="all")
     t = server.table([(1, "v0", "w0")], columns="id int primary key, v text, w text")
     with _ready_client(proxy) as conn:
         assert proxy.run(lambda: table_match_key(t) in _monitor(proxy).column_safe)
         read_v, read_w = _two_column_reads(proxy, conn, t)
-        # Through the proxy: SET w evicts the read of w at commit, not the read of v. The v read
-        # is proven to come from memory by a hidden change of v (no NOTIFY) that it does not see.
+        # Through the proxy: SET w evicts the read of w at commit, not the read of v; so does its
+        # trigger's NOTIFY, which names w. The v read is proven to come from memory by a hidden
+        # change of v (no NOTIFY) that it does not see.
         server.hidden(f"update {t} set v = 'v-hidden'")
-        conn.execute(f"update {t} set w = 'w1' where id = 1")
+        _notified(proxy, lambda: conn.execute(f"update {t} set w = 'w1' where id = 1"))
         before = counters(proxy)
         assert (one(conn, read_v), one(conn, read_w)) == ("v0", "w1")
         delta = _delta(before, counters(proxy))
         assert delta["hits"] == 1 and delta["misses"] == 1, delta
 
         # Behind the proxy's back: the column trigger's NOTIFY names w; the read of v stays.
-        notified = proxy.run(lambda: _monitor(proxy).notifications)
-        server.write(f"update {t} set w = 'w2' where id = 1")
-        wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) > notified)
+        _notified(proxy, lambda: server.write(f"update {t} set w = 'w2' where id = 1"))
         assert (one(conn, read_v), one(conn, read_w)) == ("v0", "w2")
         # ... and a NOTIFY naming v evicts it: the hidden change shows at last.
-        notified = proxy.run(lambda: _monitor(proxy).notifications)
-        server.write(f"update {t} set v = v || '!' where id = 1")
-        wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) > notified)
+        _notified(proxy, lambda: server.write(f"update {t} set v = v || '!' where id = 1"))
         assert one(conn, read_v) == "v-hidden!"
 
         # A transaction that updates w, then v: at commit both reads are evicted.
         _ = [one(conn, q) for q in (read_v, read_w)]
-        with conn.transaction():
-            conn.execute(f"update {t} set w = 'w3' where id = 1")
-            conn.execute(f"update {t} set v = 'v3' where id = 1")
+
+        def both() -> None:
+            with conn.transaction():
+                conn.execute(f"update {t} set w = 'w3' where id = 1")
+                conn.execute(f"update {t} set v = 'v3' where id = 1")
+
+        _notified(proxy, both, 2)
         assert (one(conn, read_v), one(conn, read_w)) == ("v3", "w3")
         # Rows coming and going evict every read of the table, whatever its columns.
         _ = [one(conn, q) for q in (read_v, read_w)]
-        conn.execute(f"insert into {t} values (2, 'v', 'w')")
+        _notified(proxy, lambda: conn.execute(f"insert into {t} values (2, 'v', 'w')"))
         before = counters(proxy)
         _ = [one(conn, q) for q in (read_v, read_w)]
         assert _delta(before, counters(proxy)).get("hits", 0) == 0
@@ -692,8 +701,8 @@ def test_an_update_evicts_only_the_results_that_read_a_column_it_sets(proxy_fact
 @pytest.mark.parametrize("how", ["before_trigger", "setting_off", "column_added"])
 def test_column_level_invalidation_falls_back_to_the_table(proxy_factory: Any, server: Server, how: str) -> None:
     """A BEFORE UPDATE trigger may change columns the UPDATE does not set; with
-    cache.column_invalidation off every write evicts per table; a column added after the triggers
-    has none, so an UPDATE of it would go unseen: the table is no longer cached at all."""
+    cache.column_invalidation off every write evicts per table (its NOTIFY too); a column added
+    after the triggers has none, so an UPDATE of it would go unseen: the table is no longer cached."""
     t = server.table([(1, "v0", "w0")], columns="id int primary key, v text, w text")
     if how == "before_trigger":
         server.conn.execute(
@@ -713,13 +722,16 @@ def test_column_level_invalidation_falls_back_to_the_table(proxy_factory: Any, s
             return
         assert proxy.run(lambda: table_match_key(t) in _monitor(proxy).column_safe) == (how == "setting_off")
         read_v, read_w = _two_column_reads(proxy, conn, t)
-        conn.execute(f"update {t} set w = 'w1' where id = 1")
         expected_v = "v0+" if how == "before_trigger" else "v0"
-        assert (one(conn, read_v), one(conn, read_w)) == (expected_v, "w1")
-        # Per table: the read of v was evicted too (for the BEFORE trigger: it had to be).
-        before = counters(proxy)
-        assert (one(conn, read_v), one(conn, read_w)) == (expected_v, "w1")
-        assert _delta(before, counters(proxy)) == {"hits": 2}
+        # Through the proxy, then behind its back: each time the read of v is evicted too (for the
+        # BEFORE trigger: it had to be).
+        for write in (lambda: conn.execute(f"update {t} set w = 'w1' where id = 1"),
+                      lambda: server.write(f"update {t} set w = 'w1' where id = 1")):
+            _notified(proxy, write)
+            before = counters(proxy)
+            assert (one(conn, read_v), one(conn, read_w)) == (expected_v, "w1")
+            assert _delta(before, counters(proxy)) == {"misses": 2, "stores": 2}
+            expected_v += "+" if how == "before_trigger" else ""
 
 
 def test_uncacheable_selects_bypass_with_their_reason(proxy_factory: Any, server: Server) -> None:

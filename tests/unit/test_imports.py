@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"config", "proxy", "agent", "graphql_gateway"}
 PROXY_ORDER = ["errors", "protocol", "auth", "server", "pool", "recorder", "invalidation", "caching", "client", "listener"]
-PROXY_LEAVES = {"fingerprint", "cache", "stats", "explain"}
+PROXY_LEAVES = {"fingerprint", "cache", "columns", "stats", "explain"}
 
 
 def _imports(path: Path) -> set[str]:
