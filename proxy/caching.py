@@ -36,6 +36,11 @@ Choices where the issue is silent:
 - A statement that calls a user-defined VOLATILE function may write anything: it is never cached
   ("writer_function"), and a transaction that ran one flushes the whole cache when it commits.
   So do CALL, DO, the fast-path function call, statements that did not parse, and COMMIT PREPARED.
+- Invalidation per column (``cache.column_invalidation``, default on): a Fill carries the columns
+  its SELECT references per table (``proxy.columns``, memoised per statement shape) unless it calls
+  a user-defined function; an UPDATE of a column-safe table (``InvalidationMonitor.column_safe``)
+  is classified with the columns it sets, and the session's transaction marks, evicts and refuses
+  racing reads only for those columns.
 - Sessions with state the key does not hold (pinned clients: temp tables, session SET, SET ROLE;
   in session mode any such statement) bypass the cache ("session_state").
 """

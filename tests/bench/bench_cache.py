@@ -719,7 +719,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], targets: l
         "",
         "Why: pgbench is a closed loop (each client sends its next transaction as soon as the last one "
         "returns), so a write that is a fixed share of the mix happens in proportion to throughput: 0.5 % of "
-        "8,000 TPS is 40 edits per second, and the cache invalidates per table, so each of them evicts every "
+        "8,000 TPS is 40 edits per second, and the cache then invalidated per table, so each of them evicted every "
         "cached read of `jobs` or `matches`, i.e. most of the cache. In the app, edits do not scale with how "
         "fast the database answers reads: recruiters edit a job and the matcher re-scores a match at human "
         "speed, whatever the page-view rate. The cold writes stay proportional (a page view can log a "
@@ -749,10 +749,15 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], targets: l
         f"Main mix: reads {pct_or_na(mix.get('read_share'))} of its transactions (with the writer's: "
         f"{pct_or_na(mix.get('read_share_with_writer'))}). Zipf s = {ZIPF_S} over each read key range (hot keys "
         "scattered by a fixed `permute`); write keys uniform. An edit of matches or jobs invalidates every cached "
-        "read of that table (all hot reads but skill_search read jobs)."
-        + ("" if a["invalidating_writes"] == DEFAULT_INVALIDATING and rate == DEFAULT_HOT_WRITE_RATE else
+        "read of that table that references a column it sets (`cache.column_invalidation`, the default): "
+        "rescore_match evicts resume_matches, edit_job (salary_max, updated_at) evicts job_page; "
+        "company_open_jobs and skill_search read none of them."
+        + ("" if a["invalidating_writes"] == DEFAULT_INVALIDATING and rate == DEFAULT_HOT_WRITE_RATE
+           and not a.get("cache_setting") else
            " **Sensitivity run**: "
            + "; ".join(x for x in (
+               ", ".join(f"`cache.{x}`" for x in a.get("cache_setting") or ()) + " for pgsidecar-cache"
+               if a.get("cache_setting") else "",
                f"`--hot-write-rate {rate:g}` (the workload's is {DEFAULT_HOT_WRITE_RATE:g})"
                if rate != DEFAULT_HOT_WRITE_RATE else "",
                f"`--invalidating-writes {a['invalidating_writes']}` (hot edits also in the closed-loop mix, "
@@ -916,8 +921,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"sensitivity runs: also put rescore_match and edit_job into the closed-loop mix, weight N/2 "
                         f"each next to the 9,950 of reads and cold writes, so their rate scales with throughput "
                         f"(default {DEFAULT_INVALIDATING}; 50 = the original proportional model, 0.5 %%)")
+    p.add_argument("--cache-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="sensitivity runs: a cache.* setting of pgsidecar-cache (repeatable), e.g. "
+                        "column_invalidation=false to measure per-table invalidation")
     p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     a = p.parse_args(argv)
+    for setting in a.cache_setting:
+        key, eq, _ = setting.partition("=")
+        if not eq or not re.fullmatch(r"[a-z_]+", key) or key == "mode":
+            p.error(f"--cache-setting wants KEY=VALUE with a cache.* key other than mode, got {setting!r}")
     q = a.quick
     a.duration = a.duration if a.duration is not None else (3 if q else 10)
     a.rounds = a.rounds if a.rounds is not None else (1 if q else 3)
@@ -991,6 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
             if cls.name in args.target_list:
                 (workdir / cls.name).mkdir()
                 s = cls(workdir / cls.name, database=CACHE_DB)
+                if cls is PgSidecarCache:
+                    s.extra_env = {**cls.extra_env, **{
+                        f"PGSIDECAR_CACHE__{key.upper()}": value
+                        for key, _, value in (x.partition("=") for x in args.cache_setting)}}
                 s.source_dir = source
                 s.start(up, args.pool_size)
                 proxies[cls.name] = s
