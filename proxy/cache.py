@@ -309,11 +309,14 @@ class CacheSnapshot:
 
 
 class _Entry:
-    __slots__ = ("response", "tables", "match_keys", "columns", "size", "stored_at", "expires_at", "hits")
+    __slots__ = ("response", "tables", "match_keys", "columns", "size", "stored_at", "expires_at", "hits",
+                 "fingerprint")
 
     def __init__(self, response: bytes, tables: tuple[str, ...], match_keys: frozenset[str], size: int,
-                 stored_at: float, expires_at: float, columns: Mapping[str, frozenset[str]] | None = None) -> None:
+                 stored_at: float, expires_at: float, columns: Mapping[str, frozenset[str]] | None = None,
+                 fingerprint: Fingerprint | None = None) -> None:
         self.response = response
+        self.fingerprint = fingerprint  # the statement's, for the query statistics of a hit
         self.tables = tables
         self.match_keys = match_keys
         self.columns = columns  # match key -> the only columns of it the result depends on
@@ -321,6 +324,9 @@ class _Entry:
         self.stored_at = stored_at
         self.expires_at = expires_at
         self.hits = 0
+
+
+CachedResult = _Entry  # what a hit gives the session: read ``response`` and ``fingerprint`` only
 
 
 class ResultCache:
@@ -396,6 +402,11 @@ class ResultCache:
     def peek(self, key: bytes) -> bytes | None:
         """Like ``get``, but a miss is not counted (the caller counts it, with ``record_miss``,
         once it knows the statement was cacheable at all). A hit is counted."""
+        entry = self.peek_entry(key)
+        return None if entry is None else entry.response
+
+    def peek_entry(self, key: bytes) -> CachedResult | None:
+        """``peek``, answering the stored entry (``response``, ``fingerprint``)."""
         entry = self._entries.get(key)
         if entry is None or self._paused:
             return None
@@ -409,7 +420,7 @@ class ResultCache:
         self._entries.move_to_end(key)
         entry.hits += 1
         self.hits += 1
-        return entry.response
+        return entry
 
     def record_miss(self) -> None:
         self.misses += 1
@@ -425,7 +436,7 @@ class ResultCache:
     # -- writes -----------------------------------------------------------------------------------
 
     def put(self, key: bytes, response: bytes, tables: Iterable[str], ttl: float, token: ReadToken,
-            columns: Mapping[str, frozenset[str]] | None = None) -> bool:
+            columns: Mapping[str, frozenset[str]] | None = None, fingerprint: Fingerprint | None = None) -> bool:
         """Store ``response`` unless too large, paused, without TTL, or raced by an invalidation.
 
         ``columns``: for some of the tables (match keys), the only columns the result depends on
@@ -467,7 +478,8 @@ class ResultCache:
         entries = self._entries
         while self._bytes + size > self.max_bytes:
             self._remove(next(iter(entries)), "lru")
-        entries[key] = _Entry(response, table_names, match_keys, size, token.started, expires_at, columns or None)
+        entries[key] = _Entry(response, table_names, match_keys, size, token.started, expires_at, columns or None,
+                              fingerprint)
         self._bytes += size
         index = self._index
         for match_key in match_keys:

@@ -51,7 +51,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .cache import CacheSnapshot, ReadToken, ResultCache, cache_key, decide, table_match_key
+from .cache import CachedResult, CacheSnapshot, ReadToken, ResultCache, cache_key, decide, table_match_key
 from .columns import read_columns, update_columns
 from .invalidation import InvalidationMonitor
 
@@ -107,11 +107,14 @@ class FrontSnapshot:
 class Fill:
     """A cacheable miss in flight: the response bytes as they are forwarded to the client."""
 
-    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead", "extended", "columns")
+    __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead", "extended", "columns",
+                 "fingerprint")
 
     def __init__(self, key: bytes, tables: tuple[str, ...], ttl: float, token: ReadToken, limit: int,
-                 extended: bool = False, columns: dict[str, frozenset[str]] | None = None) -> None:
+                 extended: bool = False, columns: dict[str, frozenset[str]] | None = None,
+                 fingerprint: Fingerprint | None = None) -> None:
         self.extended = extended
+        self.fingerprint = fingerprint
         self.columns = columns  # per table, the only columns the result depends on (see proxy.columns)
         self.key = key
         self.tables = tables
@@ -233,8 +236,9 @@ class CacheFront:
 
     # ------------------------------------------------------------------ reads
     def lookup(self, sql: bytes, database: str, user: str, settings: str, encoding: str,
-               endpoint: Endpoint, segment: bytes = b"") -> bytes | Fill | None:
-        """A stored response (hit), a Fill (cacheable miss), or None (bypass, counted).
+               endpoint: Endpoint, segment: bytes = b"") -> CachedResult | Fill | None:
+        """A stored entry (hit: its ``response`` and ``fingerprint``), a Fill (cacheable miss), or
+        None (bypass, counted).
 
         ``settings`` is every session setting that shapes a result (search_path, TimeZone,
         DateStyle, client_encoding, ...) as one string: part of the key. ``segment``, for the
@@ -249,7 +253,7 @@ class CacheFront:
             cache.record_bypass("not_listening")
             return None
         key = cache_key(database, user, settings, sql, segment)
-        hit = cache.peek(key)
+        hit = cache.peek_entry(key)
         if hit is not None:
             # Stored under this exact key, so it passed every check below; the checks that depend
             # on the catalog (triggers, writer functions) flush the cache when they loosen.
@@ -279,7 +283,7 @@ class CacheFront:
             if not any(function.rsplit(".", 1)[-1] in user_functions for function in fp.functions):
                 columns = self._read_columns(fp, sql, encoding)
         return Fill(key, decision.tables, decision.ttl, cache.begin_read(decision.tables),
-                    cache.max_result_bytes + 6, bool(segment), columns)
+                    cache.max_result_bytes + 6, bool(segment), columns, fp)
 
     def _read_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, frozenset[str]] | None:
         memo_key = (fp.id, fp.normalized)
@@ -314,7 +318,8 @@ class CacheFront:
         if rows < 0:
             cache.record_rejected("not_a_result")
             return False
-        return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token, fill.columns)
+        return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token, fill.columns,
+                         fill.fingerprint)
 
     # ------------------------------------------------------------------ writes
     def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None

@@ -49,6 +49,8 @@ from .server import (
 )
 
 if TYPE_CHECKING:
+    from .cache import CachedResult
+    from .fingerprint import Fingerprint
     from .listener import ProxyServer
     from .pool import Pool
 
@@ -966,7 +968,7 @@ class ClientSession(asyncio.Protocol):
                  time.monotonic() - start, waited, rows, sqlstate)
             )
 
-    def _record(self, sql: bytes, start: float, waited: float, rows: int, sqlstate: str | None) -> None:
+    def _record(self, sql: bytes | Fingerprint, start: float, waited: float, rows: int, sqlstate: str | None) -> None:
         self._recorder.add(  # type: ignore[union-attr]
             (sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
              time.monotonic() - start, waited, rows, sqlstate)
@@ -1020,14 +1022,16 @@ class ClientSession(asyncio.Protocol):
         self._replay(found, sql, start)
         return True
 
-    def _replay(self, found: bytes, sql: bytes, start: float) -> None:
+    def _replay(self, found: CachedResult, sql: bytes, start: float) -> None:
         """Send a cache hit (8 bytes of row count, then the server's response) and count it."""
         if self.closed or self.transport is None:
             return
-        self.transport.write(memoryview(found)[8:])
+        response = found.response
+        self.transport.write(memoryview(response)[8:])
         self.transactions += 1
         if self.measure:
-            self._record(sql, start, 0.0, int.from_bytes(found[:8], "big"), None)
+            # The entry's fingerprint: the statistics need not shape and look up the text again.
+            self._record(found.fingerprint or sql, start, 0.0, int.from_bytes(response[:8], "big"), None)
 
     def _segment_from_cache(self, data: bytes, n: int) -> bool:
         """``data`` is exactly one extended-protocol segment (Parse?, Bind, Describe?, Execute,

@@ -19,14 +19,14 @@ from .protocol import rows_in_tag
 
 if TYPE_CHECKING:
     from .explain import Explainer
-    from .fingerprint import Fingerprinter
+    from .fingerprint import Fingerprint, Fingerprinter
     from .stats import QueryStats, Scope, SlowQuery
 
 log = logging.getLogger(__name__)
 
-#: (text, client_encoding, scope, application_name, client address, duration s, waited s,
-#:  rows or the CommandComplete tag to read them from, sqlstate)
-Finished = tuple[bytes, str, "Scope", str, str, float, float, "int | bytes", "str | None"]
+#: (text or its Fingerprint already known (a cache hit), client_encoding, scope, application_name,
+#:  client address, duration s, waited s, rows or the CommandComplete tag to read them from, sqlstate)
+Finished = tuple["bytes | Fingerprint", str, "Scope", str, str, float, float, "int | bytes", "str | None"]
 
 
 class Recorder:
@@ -68,7 +68,7 @@ class Recorder:
         for sql, encoding, scope, application_name, client, duration, waited, rows, sqlstate in batch:
             try:
                 count = rows_in_tag(rows) if isinstance(rows, bytes) else rows
-                fp = of_bytes(sql, encoding)
+                fp = of_bytes(sql, encoding) if isinstance(sql, bytes) else sql
                 slow = record(fp, scope, application_name, client, duration, waited, count, sqlstate, now)
             except Exception:  # noqa: BLE001 - a bug here must not cost the other statements
                 self.failures += 1

@@ -636,6 +636,27 @@ def test_hinted_mode_in_the_extended_protocol_follows_the_statement_not_the_segm
     assert asyncio.run(run()) == ["old", "old", "old", "old", "old", "hidden", "old"]
 
 
+def test_hits_are_counted_in_the_query_statistics_under_their_statements_fingerprint(
+        proxy_factory: Any, server: Server) -> None:
+    """A hit is answered without the server, and still timed and counted: the statistics get the
+    fingerprint stored with the entry, in both protocols."""
+    proxy = proxy_factory(cache__mode="all")
+    t = server.table([(1, "one"), (2, "two")])
+    with _ready_client(proxy) as conn:
+        before = counters(proxy)
+        for _ in range(3):
+            assert one(conn, f"select v from {t} where id <= 1") == "one"  # simple: 1 miss, 2 hits
+            assert conn.execute(f"select v from {t} where id <= %s", (2,), prepare=False).fetchall() == [
+                ("one",), ("two",)]  # extended, two rows: 1 miss, 2 hits
+        assert _delta(before, counters(proxy)) == {"misses": 2, "stores": 2, "hits": 4}
+
+    def read() -> list[tuple[str, int, int]]:
+        return sorted((s.normalized, s.calls, s.rows) for s in proxy.server.query_stats().top("calls", 1000)
+                      if t in s.normalized)
+
+    assert proxy.run(read) == [(f"select v from {t} where id <= $1", 6, 9)]  # one shape, both protocols
+
+
 # ============================================================================= column-level invalidation
 
 
