@@ -659,6 +659,16 @@ def summarise(runs: list[dict[str, Any]], workloads: list[str], clients_list: li
                 row["stats_cost"] = round(1 - side["tps_median"] / nostats["tps_median"], 4)
             else:
                 row["stats_cost"] = None
+            # The same, round by round (the two ran next to each other in each round), median over the
+            # rounds both succeeded: less sensitive than the medians' ratio to a round the machine
+            # was busier for one of them only.
+            pairs = {}
+            for r in runs:
+                if r["workload"] == wl and r["clients"] == c and r["ok"] and r["tps"] and \
+                        r["target"] in ("pgsidecar", "pgsidecar-nostats"):
+                    pairs.setdefault(r["round"], {})[r["target"]] = r["tps"]
+            paired = [1 - p["pgsidecar"] / p["pgsidecar-nostats"] for p in pairs.values() if len(p) == 2]
+            row["stats_cost_paired"] = round(median_or_none(paired), 4) if paired else None
             rows.append(row)
     return rows
 
@@ -685,7 +695,8 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         "TPS = median over rounds of pgbench's \"tps (without initial connection time)\"; latency = median of "
         "pgbench's average latency. Ratio = pgsidecar / PgBouncer TPS, or / direct (marked `d`) where PgBouncer "
         "failed. Stats cost = 1 - pgsidecar TPS / pgsidecar-nostats TPS (pgsidecar-nostats: the same proxy "
-        "with `PGSIDECAR_STATS__ENABLED=false`). CPU = proxy process CPU seconds (user+system) per 1,000 "
+        "with `PGSIDECAR_STATS__ENABLED=false`); paired: the median over rounds of the same, each round's two runs "
+        "side by side. CPU = proxy process CPU seconds (user+system) per 1,000 "
         "transactions.",
         "",
     ]
@@ -699,10 +710,10 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         ]
     lines += [
         "| workload | clients | " + " | ".join(f"{t} TPS" for t in targets)
-        + " | ratio | stats cost | " + " | ".join(f"{t} lat ms" for t in targets)
+        + " | ratio | stats cost | stats cost, paired | " + " | ".join(f"{t} lat ms" for t in targets)
         + " | failures (fail tx / aborted) | "
         + " | ".join(f"{PROXY_LABELS[t]} CPU s/1k tx" for t in PROXIES) + " |",
-        "|" + "---|" * (2 + len(targets) + 2 + len(targets) + 1 + len(PROXIES)),
+        "|" + "---|" * (2 + len(targets) + 3 + len(targets) + 1 + len(PROXIES)),
     ]
     for row in rows:
         cells = [row["workload"], str(row["clients"])]
@@ -719,6 +730,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         else:
             cells.append(f"{row['ratio']:.2f}" + (" d" if row["reference"] == "direct" else ""))
         cells.append("–" if row.get("stats_cost") is None else f"{row['stats_cost'] * 100:.1f} %")
+        cells.append("–" if row.get("stats_cost_paired") is None else f"{row['stats_cost_paired'] * 100:.1f} %")
         for t in targets:
             s = row["targets"].get(t)
             cells.append(fmt(s["latency_ms_median"], ".2f") if s else "–")
