@@ -25,6 +25,10 @@ Owns the database side of the cache's correctness:
   flushed at once and ``ready`` is False (the cache serves and stores nothing for this database)
   until the connection is back and listening; then the catalog is re-read and ``ready`` returns.
   Reconnection backs off from 0.5 s to 10 s.
+- Families of tables (partitions, inheritance children and their parents, from ``pg_inherits``):
+  a statement trigger fires only on the table a statement names, so an UPDATE of a partitioned
+  table notifies only the parent, and a write through the proxy names one table. Both paths evict
+  the whole family (``relatives``), per column where the columns are known (they share names).
 
 Not on the hot path: clients read ``ready``, ``tracked`` and ``writer_functions`` (attributes).
 """
@@ -177,6 +181,14 @@ SELECT DISTINCT c.relname, w.name
 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid,
      (VALUES ('{WEBHOOK_WRITES[0]}'), ('{WEBHOOK_WRITES[1]}')) AS w (name)
 WHERE t.tgname IN ('{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}')
+"""
+
+# Partitions and inheritance children, with their parents. A statement trigger fires only on the
+# table a statement names: an UPDATE of a partitioned table notifies the parent, not the partitions
+# whose rows it changed, and a write through the proxy names one table of the family.
+_INHERITS_SQL = """
+SELECT p.relname AS parent, c.relname AS child
+FROM pg_inherits AS i JOIN pg_class AS p ON p.oid = i.inhparent JOIN pg_class AS c ON c.oid = i.inhrelid
 """
 
 # Functions an application defined (not PostgreSQL's, not an extension's) that may write.
@@ -412,6 +424,9 @@ class InvalidationMonitor(ListenLoop):
         self.views: frozenset[str] = frozenset()  # match keys of views
         self.after_triggers: frozenset[str] = frozenset()  # tables with the app's AFTER triggers
         self.cascades: dict[str, frozenset[str]] = {}  # table -> tables its FK actions change
+        # table -> its partitions / inheritance children and parents, transitively: a write to one
+        # may change the rows another reads (same column names: column facts hold for all)
+        self.relatives: dict[str, frozenset[str]] = {}
         self.notifications = 0
         self.connects = 0
         self.drops = 0
@@ -470,6 +485,7 @@ class InvalidationMonitor(ListenLoop):
         views = await conn.fetch(_VIEWS_SQL)
         after = await conn.fetch(_AFTER_TRIGGERS_SQL)
         edges = await conn.fetch(_CASCADES_SQL)
+        family = [(table_match_key(r[0]), table_match_key(r[1])) for r in await conn.fetch(_INHERITS_SQL)]
         new_tracked = frozenset(table_match_key(r[0]) for r in tracked if r[1] or r[2])
         unsafe = {table_match_key(r[0]) for r in tracked if r[1] or not r[2] or r[3]}
         new_safe = frozenset(table_match_key(r[0]) for r in tracked) - unsafe
@@ -478,9 +494,10 @@ class InvalidationMonitor(ListenLoop):
         new_views = frozenset(table_match_key(r[0]) for r in views)
         new_after = frozenset(table_match_key(r[0]) for r in after)
         new_cascades = cascade_closure((table_match_key(r[0]), table_match_key(r[1])) for r in edges)
+        new_relatives = cascade_closure(family + [(child, parent) for parent, child in family])
         loosened = (not new_tracked >= self.tracked or not new_writers <= self.writer_functions
                     or not new_views <= self.views or not new_after <= self.after_triggers
-                    or new_cascades != self.cascades
+                    or new_cascades != self.cascades or new_relatives != self.relatives
                     or not new_user_functions <= self.user_functions)
         if self.ready and loosened:
             # A trigger was dropped, a writer function, a user function (results stored per column
@@ -494,12 +511,24 @@ class InvalidationMonitor(ListenLoop):
         self.views = new_views
         self.after_triggers = new_after
         self.cascades = new_cascades
+        self.relatives = new_relatives
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         tables, columns = parse_payload(payload)
         if tables:
+            tables = self.with_relatives(tables)
             self.cache.invalidate(tables, "notify", self.columns_of(tables, columns))
+
+    def with_relatives(self, tables: list[str]) -> list[str]:
+        """``tables`` and their partitions, inheritance children and parents."""
+        relatives = self.relatives
+        if not relatives:
+            return tables
+        found = set(tables)
+        for table in tables:
+            found |= relatives.get(table_match_key(table), frozenset())
+        return list(found)
 
     def columns_of(self, tables: Any, columns: frozenset[str] | None) -> dict[str, frozenset[str]] | None:
         """The invalidation's column map for an UPDATE of ``tables`` that set ``columns``: only
@@ -515,21 +544,20 @@ class InvalidationMonitor(ListenLoop):
         self.notifications += 1
         tables, _ = parse_payload(payload)
         if tables:
-            self.cache.invalidate(tables, "notify")
+            self.cache.invalidate(self.with_relatives(tables), "notify")
         self.refresh_soon()
 
     def expand_writes(self, keys: set[str]) -> bool:
         """Add to ``keys`` (match keys of written tables) the tables their foreign-key actions
-        change; False when a write may reach tables no one can name (a view, an AFTER trigger)."""
-        if not keys.isdisjoint(self.views) or not keys.isdisjoint(self.after_triggers):
-            return False
-        cascades = self.cascades
-        if cascades:
-            for key in list(keys):
-                more = cascades.get(key)
-                if more:
-                    keys |= more
-        return True
+        change and their partitions, inheritance children and parents; False when a write may
+        reach tables no one can name (a view, an AFTER trigger, on any of them)."""
+        for links in (self.relatives, self.cascades, self.relatives):  # a cascade may reach a family
+            if links:
+                for key in list(keys):
+                    more = links.get(key)
+                    if more:
+                        keys |= more
+        return keys.isdisjoint(self.views) and keys.isdisjoint(self.after_triggers)
 
     async def _went_down(self) -> None:
         if self.ready:

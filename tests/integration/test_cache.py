@@ -657,6 +657,43 @@ def test_hits_are_counted_in_the_query_statistics_under_their_statements_fingerp
     assert proxy.run(read) == [(f"select v from {t} where id <= $1", 6, 9)]  # one shape, both protocols
 
 
+@pytest.mark.parametrize("path", ["proxy", "notify"])
+def test_a_write_to_one_table_of_a_partitioned_family_evicts_the_others(
+        proxy_factory: Any, server: Server, path: str) -> None:
+    """A statement trigger fires only on the table the statement names, and a write through the
+    proxy names one table: an UPDATE of the partitioned table changes rows a read of a partition
+    returns, a write into a partition rows a read of the parent returns. Both paths evict the
+    whole family. (Proxy path: tables without triggers and require_triggers off, so nothing else
+    can evict; notify path: the write is made straight on the server.)"""
+    name = f"cache_p_{uuid.uuid4().hex[:8]}"
+    server.conn.execute(f"create table {name} (id int, k int, v text) partition by range (k)")
+    server.tables.append(name)
+    server.conn.execute(f"create table {name}_a partition of {name} for values from (0) to (10)")
+    server.conn.execute(f"create table {name}_b partition of {name} for values from (10) to (20)")
+    server.conn.execute(f"insert into {name} values (1, 1, 'a0'), (2, 15, 'b0')")
+    if path == "notify":
+        server.conn.execute(FUNCTION_SQL)
+        for table in (name, f"{name}_a", f"{name}_b"):
+            server.conn.execute(trigger_sql("public", table))
+    proxy = proxy_factory(cache__mode="all", cache__require_triggers=path == "notify")
+    with _ready_client(proxy) as conn:
+        wait_until(lambda: proxy.run(lambda: bool(_monitor(proxy).relatives)))
+
+        def write(sql: str) -> None:
+            if path == "proxy":
+                conn.execute(sql)
+            else:
+                _notified(proxy, lambda: server.write(sql))
+
+        part_a, parent = f"select v from {name}_a where id = 1", f"select string_agg(v, ',' order by id) from {name}"
+        assert (one(conn, part_a), one(conn, parent)) == ("a0", "a0,b0")
+        assert (one(conn, part_a), one(conn, parent)) == ("a0", "a0,b0")  # hits
+        write(f"update {name} set v = 'a1' where id = 1")  # names the parent
+        assert one(conn, part_a) == "a1"
+        write(f"update {name}_b set v = 'b1' where id = 2")  # names a partition
+        assert one(conn, parent) == "a1,b1"
+
+
 # ============================================================================= column-level invalidation
 
 
