@@ -279,8 +279,9 @@ async def install_event_triggers(conn: Any) -> bool:
 async def remove_triggers(conn: Any) -> list[str]:
     """Drop every pgsidecar cache trigger and the notify function; return the tables."""
     rows = await conn.fetch(
-        "SELECT n.nspname, c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid "
-        "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE t.tgname = $1 ORDER BY 1, 2", TRIGGER)
+        "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        "WHERE t.tgname = $1 OR starts_with(t.tgname, $2) ORDER BY 1, 2", TRIGGER, COLUMN_TRIGGER_PREFIX)
     has_events = await conn.fetchval(
         "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1::text[])", list(EVENT_TRIGGERS))
     async with conn.transaction():

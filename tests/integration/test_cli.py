@@ -175,10 +175,18 @@ def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any
         everything = _cache_cli("install-triggers", dsn=dsn)
         assert everything.returncode == 0, everything.stderr
         assert _triggered_tables(conn) == {"a", "b"}
+        # One UPDATE OF trigger per column, beside the table's (column-level invalidation).
+        conn.execute("ALTER TABLE s.b ADD COLUMN note text")
+        again = _cache_cli("install-triggers", "s.b", dsn=dsn)
+        assert again.returncode == 0, again.stderr
+        column_triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgsidecar_cache_col_%'"
+        assert conn.execute(column_triggers).fetchone() == (3,)  # s.a: id; s.b: id, note
+        conn.execute("DROP TRIGGER pgsidecar_cache_invalidate ON s.b")  # only its column triggers left
 
         removed = _cache_cli("remove-triggers", dsn=dsn)
         assert removed.returncode == 0, removed.stderr
         assert _triggered_tables(conn) == set()
+        assert conn.execute(column_triggers).fetchone() == (0,)
         assert conn.execute("SELECT to_regproc('public.pgsidecar_cache_notify')").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM pg_event_trigger").fetchone() == (0,)
     finally:
