@@ -150,6 +150,8 @@ SAFE_PG_FUNCTIONS: frozenset[str] = frozenset({
     "pg_size_pretty", "pg_size_bytes", "pg_typeof", "pg_column_size",
 })
 
+# Every hint has it: a statement without it (exact bytes) is not hinted, in cache.mode hinted.
+HINT_MARK = b"pgsidecar:"
 _HINT = re.compile(
     rb"/\*\s*pgsidecar:(nocache|cache)(?:\s+ttl\s*=\s*(\d+(?:\.\d*)?|\.\d+)s?)?\s*\*/", re.IGNORECASE)
 # Special datetime input values read the clock when the literal is converted.
@@ -329,6 +331,24 @@ class _Entry:
 CachedResult = _Entry  # what a hit gives the session: read ``response`` and ``fingerprint`` only
 
 
+class WriteMarks:
+    """What one open transaction marked in the cache (``ResultCache.begin_write``): per table
+    match key, the columns its UPDATEs set, or None once anything else wrote it (every column)."""
+
+    __slots__ = ("tables",)
+
+    def __init__(self) -> None:
+        self.tables: dict[str, set[str] | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tables)
+
+    def columns(self) -> dict[str, frozenset[str]] | None:
+        """For ``invalidate``: the tables only known columns were written to, and those columns."""
+        found = {key: frozenset(marked) for key, marked in self.tables.items() if marked is not None}
+        return found or None
+
+
 class ResultCache:
     """Response bytes by key, bounded in bytes (LRU) and time (TTL), evicted by table writes."""
 
@@ -491,7 +511,8 @@ class ResultCache:
         self.stores += 1
         return True
 
-    def begin_write(self, tables: Iterable[str], columns: Mapping[str, Iterable[str]] | None = None) -> None:
+    def begin_write(self, tables: Iterable[str], columns: Mapping[str, Iterable[str]] | None = None,
+                    marks: WriteMarks | None = None) -> WriteMarks:
         """An open transaction wrote ``tables`` (not committed yet): until ``end_write``, entries
         that read them are neither served (``get`` misses) nor stored.
 
@@ -501,22 +522,32 @@ class ResultCache:
         The entries themselves stay: on rollback they are still right.
 
         ``columns``: for some of the tables (match keys), the only columns written (UPDATE ... SET);
-        entries that read none of them are still served and stored. A table already marked by the
-        same transaction may be marked again with more columns (or none: every column); ``end_write``
-        releases every mark with the same tables and the union of the columns."""
-        writing = self._writing
+        entries that read none of them are still served and stored. ``marks``: what the same
+        transaction marked before (its later writes add to it); the marks are returned, to pass to
+        the next call and to ``end_write``."""
+        if marks is None:
+            marks = WriteMarks()
+        held = marks.tables
         for match_key in {table_match_key(table) for table in tables}:
-            writing[match_key] = writing.get(match_key, 0) + 1
-            self.mark_columns(match_key, columns.get(match_key) if columns else None)
-
-    def mark_columns(self, match_key: str, columns: Iterable[str] | None) -> None:
-        """Mark ``columns`` of a table ``begin_write`` marked (None: every column)."""
-        if columns is None:
-            self._writing_unknown[match_key] = self._writing_unknown.get(match_key, 0) + 1
-            return
-        marked = self._writing_columns.setdefault(match_key, {})
-        for column in columns:
-            marked[column] = marked.get(column, 0) + 1
+            if match_key in held:
+                marked = held[match_key]
+                if marked is None:
+                    continue  # every column already
+            else:
+                self._writing[match_key] = self._writing.get(match_key, 0) + 1
+                marked = held[match_key] = set()
+            written = columns.get(match_key) if columns else None
+            if written is None:  # every column: that mark covers the columns marked so far
+                self._release_columns(match_key, marked)
+                self._writing_unknown[match_key] = self._writing_unknown.get(match_key, 0) + 1
+                held[match_key] = None
+            else:
+                counts = self._writing_columns.setdefault(match_key, {})
+                for column in written:
+                    if column not in marked:
+                        marked.add(column)
+                        counts[column] = counts.get(column, 0) + 1
+        return marks
 
     def _written_under(self, match_keys: Iterable[str], columns: Mapping[str, frozenset[str]] | None) -> bool:
         """An open transaction writes something a result over ``match_keys`` reading ``columns``
@@ -533,33 +564,28 @@ class ResultCache:
                 return True
         return False
 
-    def end_write(self, tables: Iterable[str], committed: bool,
-                  columns: Mapping[str, frozenset[str]] | None = None,
-                  marks: Mapping[str, tuple[frozenset[str], bool]] | None = None) -> int:
-        """The transaction that ``begin_write`` marked ``tables`` for ended; when it committed,
-        its tables are invalidated once more (reads that began before are not stored).
-        ``columns``: see ``invalidate``. ``marks``: per table, the columns its ``begin_write`` and
-        ``mark_columns`` calls marked and whether one of them marked every column (without it:
-        every table was marked once for every column)."""
-        writing = self._writing
-        keys = {table_match_key(table) for table in tables}
-        for match_key in keys:
-            left = writing.get(match_key, 0) - 1
-            if left > 0:
-                writing[match_key] = left
-            else:
-                writing.pop(match_key, None)
-            marked, unknown = marks.get(match_key, ((), True)) if marks is not None else ((), True)
-            if unknown:
+    def end_write(self, marks: WriteMarks, committed: bool) -> int:
+        """The transaction that ``begin_write`` gave ``marks`` ended: release them (``marks`` is
+        empty after); when it committed, its tables are invalidated once more (reads that began
+        before are not stored), per column where only known columns were written."""
+        columns = marks.columns()
+        keys = list(marks.tables)
+        for match_key, marked in marks.tables.items():
+            _release(self._writing, match_key)
+            if marked is None:
                 _release(self._writing_unknown, match_key)
-            if marked:
-                counts = self._writing_columns.get(match_key)
-                if counts is not None:
-                    for column in marked:
-                        _release(counts, column)
-                    if not counts:
-                        del self._writing_columns[match_key]
+            else:
+                self._release_columns(match_key, marked)
+        marks.tables.clear()
         return self.invalidate(keys, "proxy", columns) if committed and keys else 0
+
+    def _release_columns(self, match_key: str, columns: Iterable[str]) -> None:
+        counts = self._writing_columns.get(match_key)
+        if counts is not None:
+            for column in columns:
+                _release(counts, column)
+            if not counts:
+                del self._writing_columns[match_key]
 
     def begin_write_all(self) -> None:
         """An open transaction may write anything (a writer function, CALL, DO): serve and store

@@ -48,11 +48,22 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from .cache import CachedResult, CacheSnapshot, ReadToken, ResultCache, cache_key, decide, table_match_key
+from .cache import (
+    HINT_MARK,
+    CachedResult,
+    CacheSnapshot,
+    ReadToken,
+    ResultCache,
+    cache_key,
+    decide,
+    table_match_key,
+)
 from .columns import read_columns, update_columns
+from .fingerprint import decode_sql
 from .invalidation import InvalidationMonitor
 
 if TYPE_CHECKING:
@@ -61,6 +72,7 @@ if TYPE_CHECKING:
     from .fingerprint import Fingerprint, Fingerprinter
     from .server import Endpoint
 
+T = TypeVar("T")
 _H = struct.Struct("!h")
 _L = struct.Struct("!i")
 _D = ord("D")
@@ -245,7 +257,7 @@ class CacheFront:
         extended protocol, is the client's messages up to Sync with statement names replaced by
         their text (so Bind parameters, formats and Describes are in the key); empty for a Query."""
         cache = self.cache
-        if self.mode == "hinted" and b"pgsidecar:" not in sql:
+        if self.mode == "hinted" and HINT_MARK not in sql:
             cache.record_bypass("not_hinted")
             return None
         monitor = self.monitor_for(database, endpoint)
@@ -286,26 +298,10 @@ class CacheFront:
                     cache.max_result_bytes + 6, bool(segment), columns, fp)
 
     def _read_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, frozenset[str]] | None:
-        memo_key = (fp.id, fp.normalized)
-        found = self._reads.get(memo_key)
-        if found is None:
-            found = read_columns(_text(sql, encoding))
-            if len(fp.normalized) < _MEMO_TEXT_LIMIT:  # a capped text may not tell two apart
-                if len(self._reads) >= _COLUMN_MEMO:
-                    self._reads.clear()
-                self._reads[memo_key] = found
-        return found or None
+        return _memoised(self._reads, read_columns, fp, sql, encoding) or None
 
     def _update_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> tuple[str, frozenset[str]] | None:
-        memo_key = (fp.id, fp.normalized)
-        if memo_key in self._updates:
-            return self._updates[memo_key]
-        found = update_columns(_text(sql, encoding))
-        if len(fp.normalized) < _MEMO_TEXT_LIMIT:
-            if len(self._updates) >= _COLUMN_MEMO:
-                self._updates.clear()
-            self._updates[memo_key] = found
-        return found
+        return _memoised(self._updates, update_columns, fp, sql, encoding)
 
     def finish(self, fill: Fill, status: int) -> bool:
         """The ReadyForQuery that ends ``fill`` came with ``status``: store it if it may be."""
@@ -377,8 +373,17 @@ class CacheFront:
         return WRITE, fp.tables
 
 
-def _text(sql: bytes, encoding: str) -> str:
-    try:
-        return sql.decode(encoding, "replace")
-    except LookupError:  # an encoding Python does not know
-        return sql.decode("utf-8", "replace")
+def _memoised(memo: dict[tuple[str, str], T], compute: Callable[[str], T], fp: Fingerprint, sql: bytes,
+              encoding: str) -> T:
+    """``compute(text)`` memoised by the statement's (fingerprint id, normalised text): texts that
+    differ only in literal values share the answer. A normalised text near its cap may not tell two
+    statements apart: computed every time. The memo is cleared when it holds _COLUMN_MEMO."""
+    memo_key = (fp.id, fp.normalized)
+    if memo_key in memo:
+        return memo[memo_key]
+    found = compute(decode_sql(sql, encoding))
+    if len(fp.normalized) < _MEMO_TEXT_LIMIT:
+        if len(memo) >= _COLUMN_MEMO:
+            memo.clear()
+        memo[memo_key] = found
+    return found

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import protocol as pq
 from .auth import AuthFailed
+from .cache import HINT_MARK, WriteMarks
 from .caching import CHAIN, FLUSH, READ, ROLLBACK, WRITE, Fill, volatile_params
 from .errors import ProxyError
 from .stats import Scope
@@ -72,7 +73,6 @@ _IDLE = ord("I")
 _KNOWN = frozenset(b"QPBDESCHXFdcf")
 _PAUSE_BUFFER = 256 * 1024
 _SYNC_MSG = b"S\x00\x00\x00\x04"
-_HINT = b"pgsidecar:"  # what every cache hint starts with (proxy.cache.parse_hint)
 
 # Startup parameters that are not session settings.
 _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
@@ -218,10 +218,9 @@ class ClientSession(asyncio.Protocol):
         # This session parsed a statement carrying a cache hint: in cache.mode hinted, an
         # extended-protocol segment without the hint in its own bytes may still Bind it.
         self._hint_parsed = False
-        self._written: set[str] = set()  # match keys of the tables the open transaction wrote
-        # Of those, what is marked in the cache (ResultCache.begin_write): the columns its UPDATEs
-        # set, and whether any other write (every column) touched the table.
-        self._marks: dict[str, tuple[set[str], bool]] = {}
+        # The tables (match keys) the open transaction wrote, as marked in the cache, with the
+        # columns its UPDATEs set (ResultCache.begin_write).
+        self._written = WriteMarks()
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
         self._unnoted = False  # statements went unclassified while no read had ever been cached
@@ -796,7 +795,7 @@ class ClientSession(asyncio.Protocol):
                 self._inspect(sql, server)
                 if measure:
                     self._segment = sql
-                if front is not None and not self._hint_parsed and _HINT in sql:
+                if front is not None and not self._hint_parsed and HINT_MARK in sql:
                     self._hint_parsed = True
                 if nul == pos + 5:
                     self._unnamed_sql = sql  # what a later Bind of the unnamed statement runs
@@ -1003,7 +1002,7 @@ class ClientSession(asyncio.Protocol):
         front = self._front
         assert front is not None
         self._fill = None  # idle: whatever was collected before is over
-        if front.mode == "hinted" and buf.find(_HINT, 5, end) < 0:
+        if front.mode == "hinted" and buf.find(HINT_MARK, 5, end) < 0:
             front.cache.record_bypass("not_hinted")  # the default mode's usual case: no copy
             return False
         if self._stateful:
@@ -1042,7 +1041,7 @@ class ClientSession(asyncio.Protocol):
         assert front is not None
         self._fill = None
         if front.mode == "hinted" and not self._hint_parsed:
-            if data.find(_HINT) < 0:
+            if data.find(HINT_MARK) < 0:
                 # The default mode's usual case: no statement this session can Bind is hinted.
                 front.cache.record_bypass("not_hinted")
                 return False
@@ -1144,28 +1143,8 @@ class ClientSession(asyncio.Protocol):
         if action == READ:
             return
         if action == WRITE:
-            cache = front.cache
-            marks = self._marks
-            for key in keys & self._written:  # marked already: more columns, or every column
-                marked, unknown = marks[key]
-                if unknown:
-                    continue
-                set_now = columns.get(key) if columns else None
-                if set_now is None:
-                    cache.mark_columns(key, None)
-                    marks[key] = (marked, True)
-                elif not set_now <= marked:
-                    more = set_now - marked
-                    cache.mark_columns(key, more)
-                    marked |= more
-            keys.difference_update(self._written)
-            if keys:
-                # What reads these columns is neither served nor stored until this transaction ends.
-                cache.begin_write(keys, columns)
-                self._written.update(keys)
-                for key in keys:
-                    set_now = columns.get(key) if columns else None
-                    marks[key] = (set(), True) if set_now is None else (set(set_now), False)
+            # What reads these columns is neither served nor stored until this transaction ends.
+            front.cache.begin_write(keys, columns, self._written)
         elif action == FLUSH:
             self._write_anything()
         elif action == CHAIN:
@@ -1189,10 +1168,7 @@ class ClientSession(asyncio.Protocol):
         assert front is not None
         cache = front.cache
         if self._written:
-            marks = {key: (frozenset(marked), unknown) for key, (marked, unknown) in self._marks.items()}
-            cache.end_write(self._written, committed, self._columns_written(), marks)
-            self._written.clear()
-            self._marks.clear()
+            cache.end_write(self._written, committed)
         if self._flush:
             cache.end_write_all(committed)
             self._flush = False
@@ -1201,11 +1177,6 @@ class ClientSession(asyncio.Protocol):
             if monitor is not None:
                 monitor.refresh_soon()
         self._ddl = self._chained = False
-
-    def _columns_written(self) -> dict[str, frozenset[str]] | None:
-        """For the invalidation: the tables only UPDATEs of known columns wrote, and those columns."""
-        found = {key: frozenset(marked) for key, (marked, unknown) in self._marks.items() if not unknown}
-        return found or None
 
     def _commit(self, final: bool) -> None:
         """ReadyForQuery with no transaction open: what was written is committed; evict it.
@@ -1221,7 +1192,7 @@ class ClientSession(asyncio.Protocol):
             self._end_writes(committed=True)
         else:
             if self._written:
-                front.cache.invalidate(self._written, "proxy", self._columns_written())
+                front.cache.invalidate(self._written.tables, "proxy", self._written.columns())
             if self._flush:
                 front.cache.flush("proxy")
 

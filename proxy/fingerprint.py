@@ -399,6 +399,15 @@ def _shape_token(match: re.Match[bytes]) -> bytes:
 _NUMBERS = re.compile(rb"\b\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\b")
 
 
+def decode_sql(sql: bytes, encoding: str = "utf-8") -> str:
+    """A statement's text as the client sent it (``encoding``: its client_encoding); bytes that
+    do not decode become U+FFFD, an encoding Python does not know is read as UTF-8."""
+    try:
+        return sql.decode(encoding, "replace")
+    except LookupError:
+        return sql.decode("utf-8", "replace")
+
+
 def text_shape(sql: bytes) -> bytes:
     """The memo key for ``sql``: literal values replaced, everything else as it is."""
     if (b"'" not in sql and b'"' not in sql and b"$" not in sql and b"--" not in sql and b"/*" not in sql
@@ -472,11 +481,7 @@ class Fingerprinter:
             self.hits += 1
             return found
         self.misses += 1
-        try:
-            text = sql.decode(encoding, "replace")
-        except LookupError:  # an encoding Python does not know
-            text = sql.decode("utf-8", "replace")
-        fingerprint = self.compute(text)
+        fingerprint = self.compute(decode_sql(sql, encoding))
         shapes[shape] = fingerprint
         self._shape_bytes += len(shape)
         if len(shapes) > self.max_memo or self._shape_bytes > self.max_memo_chars:

@@ -142,17 +142,6 @@ WHERE t.tgname = '{TRIGGER}' AND t.tgenabled <> 'D'
 GROUP BY c.oid, c.relname, c.relrowsecurity
 """
 
-# Functions an application defined (not PostgreSQL's, not an extension's), whatever their
-# volatility: they may read columns a statement's text does not name.
-_USER_FUNCTIONS_SQL = """
-SELECT DISTINCT p.proname
-FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND p.prorettype <> 'trigger'::regtype
-  AND NOT EXISTS (SELECT 1 FROM pg_depend AS d
-                  WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
-"""
-
 # Relations whose writes reach other tables, for writes through the proxy: views (their base
 # tables; INSTEAD OF triggers and rules can do anything), tables with AFTER or INSTEAD OF
 # triggers of the application's (audit logs, denormalised counters), and foreign keys whose
@@ -191,14 +180,17 @@ SELECT p.relname AS parent, c.relname AS child
 FROM pg_inherits AS i JOIN pg_class AS p ON p.oid = i.inhparent JOIN pg_class AS c ON c.oid = i.inhrelid
 """
 
-# Functions an application defined (not PostgreSQL's, not an extension's) that may write.
-_WRITER_FUNCTIONS_SQL = """
-SELECT DISTINCT p.proname
+# Functions an application defined (not PostgreSQL's, not an extension's), by name, and whether
+# one of that name is VOLATILE: those may write. Any of them may read columns a statement's text
+# does not name.
+_FUNCTIONS_SQL = """
+SELECT p.proname, bool_or(p.provolatile = 'v') AS volatile
 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND p.provolatile = 'v' AND p.prorettype <> 'trigger'::regtype
+  AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT 1 FROM pg_depend AS d
                   WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+GROUP BY p.proname
 """
 
 
@@ -330,6 +322,14 @@ def parse_payload(payload: str) -> tuple[list[str], frozenset[str] | None]:
     if isinstance(names, list):
         return [str(name) for name in names], None
     return ([str(names)] if names is not None else []), None
+
+
+def _add_linked(keys: set[str], links: dict[str, frozenset[str]]) -> None:
+    """Add to ``keys`` every table ``links`` (a ``cascade_closure``) maps one of them to."""
+    for key in list(keys):
+        more = links.get(key)
+        if more:
+            keys |= more
 
 
 async def close_quietly(closable: Any, timeout: float = 2.0) -> None:
@@ -481,8 +481,7 @@ class InvalidationMonitor(ListenLoop):
     async def _load_catalog(self) -> None:
         conn = self._conn
         tracked = await conn.fetch(_TRACKED_SQL)
-        writers = await conn.fetch(_WRITER_FUNCTIONS_SQL)
-        user_functions = await conn.fetch(_USER_FUNCTIONS_SQL)
+        functions = await conn.fetch(_FUNCTIONS_SQL)
         views = await conn.fetch(_VIEWS_SQL)
         after = await conn.fetch(_AFTER_TRIGGERS_SQL)
         edges = await conn.fetch(_CASCADES_SQL)
@@ -490,8 +489,8 @@ class InvalidationMonitor(ListenLoop):
         new_tracked = frozenset(table_match_key(r[0]) for r in tracked if r[1] or r[2])
         unsafe = {table_match_key(r[0]) for r in tracked if r[1] or not r[2] or r[3]}
         new_safe = frozenset(table_match_key(r[0]) for r in tracked) - unsafe
-        new_user_functions = frozenset(r[0].lower() for r in user_functions)
-        new_writers = frozenset(r[0].lower() for r in writers)
+        new_user_functions = frozenset(r[0].lower() for r in functions)
+        new_writers = frozenset(r[0].lower() for r in functions if r[1])
         new_views = frozenset(table_match_key(r[0]) for r in views)
         new_after = frozenset(table_match_key(r[0]) for r in after)
         new_cascades = cascade_closure((table_match_key(r[0]), table_match_key(r[1])) for r in edges)
@@ -523,12 +522,10 @@ class InvalidationMonitor(ListenLoop):
 
     def with_relatives(self, tables: list[str]) -> list[str]:
         """``tables`` and their partitions, inheritance children and parents."""
-        relatives = self.relatives
-        if not relatives:
+        if not self.relatives:
             return tables
-        found = set(tables)
-        for table in tables:
-            found |= relatives.get(table_match_key(table), frozenset())
+        found = {table_match_key(table) for table in tables}
+        _add_linked(found, self.relatives)
         return list(found)
 
     def columns_of(self, tables: Any, columns: frozenset[str] | None) -> dict[str, frozenset[str]] | None:
@@ -553,11 +550,7 @@ class InvalidationMonitor(ListenLoop):
         change and their partitions, inheritance children and parents; False when a write may
         reach tables no one can name (a view, an AFTER trigger, on any of them)."""
         for links in (self.relatives, self.cascades, self.relatives):  # a cascade may reach a family
-            if links:
-                for key in list(keys):
-                    more = links.get(key)
-                    if more:
-                        keys |= more
+            _add_linked(keys, links)
         return keys.isdisjoint(self.views) and keys.isdisjoint(self.after_triggers)
 
     async def _went_down(self) -> None:

@@ -679,12 +679,12 @@ TestCacheMachine.settings = settings(max_examples=150, stateful_step_count=60, d
 def test_a_table_written_by_an_open_transaction_is_neither_served_nor_stored() -> None:
     cache = ResultCache(clock=FakeClock())
     assert store(cache, b"k1", tables=("jobs",)) and store(cache, b"k2", tables=("users",))
-    cache.begin_write(["public.JOBS"])  # match keys: the last component, lowercased
+    marks = cache.begin_write(["public.JOBS"])  # match keys: the last component, lowercased
     assert cache.get(b"k1") is None and cache.get(b"k2") == b"rows"
     assert not store(cache, b"k3", tables=("jobs", "users"))
     assert cache.snapshot().rejected == {"write_in_flight": 1}
     assert cache.writes_in_flight() == 1
-    cache.end_write(["public.JOBS"], committed=False)  # rolled back: the entry is still right
+    cache.end_write(marks, committed=False)  # rolled back: the entry is still right
     assert cache.get(b"k1") == b"rows" and cache.writes_in_flight() == 0
     assert cache.snapshot().invalidations == {}
 
@@ -692,9 +692,9 @@ def test_a_table_written_by_an_open_transaction_is_neither_served_nor_stored() -
 def test_a_committed_write_evicts_and_makes_reads_begun_before_it_stale() -> None:
     cache = ResultCache(clock=FakeClock())
     assert store(cache, b"k1")
-    cache.begin_write(["jobs"])
+    marks = cache.begin_write(["jobs"])
     token = cache.begin_read(("jobs",))  # a read that starts while the write is open
-    assert cache.end_write(["jobs"], committed=True) == 1
+    assert cache.end_write(marks, committed=True) == 1
     assert cache.get(b"k1") is None
     assert not cache.put(b"k1", b"old", ("jobs",), 60.0, token)
     assert cache.snapshot().rejected == {"stale": 1}
@@ -703,11 +703,10 @@ def test_a_committed_write_evicts_and_makes_reads_begun_before_it_stale() -> Non
 
 def test_marks_are_counted_per_transaction() -> None:
     cache = ResultCache(clock=FakeClock())
-    cache.begin_write(["jobs"])
-    cache.begin_write(["jobs"])
-    cache.end_write(["jobs"], committed=False)
+    first, second = cache.begin_write(["jobs"]), cache.begin_write(["jobs"])
+    cache.end_write(first, committed=False)
     assert not store(cache, b"k1")  # the other transaction still writes jobs
-    cache.end_write(["jobs"], committed=False)
+    cache.end_write(second, committed=False)
     assert store(cache, b"k1") and cache.writes_in_flight() == 0
 
 

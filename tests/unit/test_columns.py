@@ -133,7 +133,7 @@ def test_a_transaction_writing_some_columns_hides_only_the_entries_that_read_the
     assert cache.put(b"titles", b"t", ["jobs"], 60, token, titles)
     assert cache.put(b"salaries", b"s", ["jobs"], 60, token, salaries)
     assert cache.put(b"all", b"a", ["jobs"], 60, token)
-    cache.begin_write(["jobs"], {"jobs": cols("salary_max")})  # an open UPDATE ... SET salary_max
+    marks = cache.begin_write(["jobs"], {"jobs": cols("salary_max")})  # an open UPDATE ... SET salary_max
     assert cache.peek(b"titles") == b"t"
     assert cache.peek(b"salaries") is None and cache.peek(b"all") is None
     # Reads that start now: stored if they read none of the columns being written.
@@ -141,9 +141,9 @@ def test_a_transaction_writing_some_columns_hides_only_the_entries_that_read_the
     assert cache.put(b"titles2", b"t", ["jobs"], 60, token, titles)
     assert not cache.put(b"salaries2", b"s", ["jobs"], 60, token, salaries)  # write_in_flight
     # The same transaction then writes every column (a DELETE): nothing of jobs is served.
-    cache.mark_columns("jobs", None)
+    cache.begin_write(["jobs"], None, marks)
     assert cache.peek(b"titles") is None
-    cache.end_write(["jobs"], committed=False, marks={"jobs": (cols("salary_max"), True)})
+    cache.end_write(marks, committed=False)
     assert cache.peek(b"titles") == b"t" and cache.peek(b"all") == b"a"  # rolled back: all still right
     assert cache.writes_in_flight() == 0
     assert not cache._writing_columns and not cache._writing_unknown  # noqa: SLF001 - every mark released
