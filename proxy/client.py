@@ -215,9 +215,9 @@ class ClientSession(asyncio.Protocol):
         self._fill: Fill | None = None  # a cacheable miss whose response is being collected
         self._cache_settings = ""  # the session settings that shape results, for the cache key
         self._stateful = False  # ran a statement creating session state: never use the cache
-        # This session parsed a statement carrying a cache hint: in cache.mode hinted, an
-        # extended-protocol segment without the hint in its own bytes may still Bind it.
-        self._hint_parsed = False
+        # cache.mode hinted, and this session has parsed no statement carrying a hint: an
+        # extended-protocol segment without the hint in its own bytes can Bind none, so bypasses.
+        self._unhinted = self._front is not None and self._front.mode == "hinted"
         # The tables (match keys) the open transaction wrote, as marked in the cache, with the
         # columns its UPDATEs set (ResultCache.begin_write).
         self._written = WriteMarks()
@@ -795,8 +795,8 @@ class ClientSession(asyncio.Protocol):
                 self._inspect(sql, server)
                 if measure:
                     self._segment = sql
-                if front is not None and not self._hint_parsed and HINT_MARK in sql:
-                    self._hint_parsed = True
+                if self._unhinted and HINT_MARK in sql:
+                    self._unhinted = False
                 if nul == pos + 5:
                     self._unnamed_sql = sql  # what a later Bind of the unnamed statement runs
                 if nul > pos + 5:
@@ -1040,12 +1040,12 @@ class ClientSession(asyncio.Protocol):
         front = self._front
         assert front is not None
         self._fill = None
-        if front.mode == "hinted" and not self._hint_parsed:
+        if self._unhinted:
             if data.find(HINT_MARK) < 0:
                 # The default mode's usual case: no statement this session can Bind is hinted.
                 front.cache.record_bypass("not_hinted")
                 return False
-            self._hint_parsed = True  # (a Parse here may be served from the cache, unseen by _forward)
+            self._unhinted = False  # (a Parse here may be served from the cache, unseen by _forward)
         if self._stateful:
             front.cache.record_bypass("session_state")
             return False
