@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pglast import parser as pg
 
-from proxy.fingerprint import KINDS, Fingerprint, Fingerprinter, fallback_normalize
+from proxy import fingerprint as fingerprint_module
+from proxy.fingerprint import KINDS, Fingerprint, Fingerprinter, fallback_normalize, text_shape
 
 HEX16 = re.compile(r"[0-9a-f]{16}")
 
@@ -556,6 +557,24 @@ def test_of_bytes_never_merges_texts_that_differ_beyond_literals(left: str, righ
     a, b = fp.of_bytes(left.encode()), fp.of_bytes(right.encode())
     assert (a.tables, a.normalized) != (b.tables, b.normalized) or a.id != b.id
     assert b == Fingerprinter().compute(right)
+
+
+def _shape_by_the_original_rule(sql: bytes) -> bytes:
+    """text_shape as first written: the plain path only when none of the six markers occurs."""
+    if not any(marker in sql for marker in (b"'", b'"', b"$", b"--", b"/*", b"\\")):
+        return fingerprint_module._NUMBERS.sub(b"?", sql)  # noqa: SLF001
+    if (b"\\" in sql or b"$" in sql) and fingerprint_module._UNSHAPEABLE.search(sql) is not None:  # noqa: SLF001
+        return sql
+    return fingerprint_module._SHAPE.sub(fingerprint_module._shape_token, sql)  # noqa: SLF001
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet="SELCT a1_.,()=+-/*'\"$\\\n 09eE", max_size=60))
+def test_text_shape_screen_changes_no_shape(text: str) -> None:
+    """The one-pass screen (bytes.translate) only decides faster: every text gets the shape the
+    original six substring tests gave it."""
+    sql = text.encode()
+    assert text_shape(sql) == _shape_by_the_original_rule(sql)
 
 
 def test_of_bytes_parses_a_query_once_for_any_literal_values() -> None:
