@@ -24,7 +24,6 @@ _TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv else str(
 sys.path.insert(0, _TREE)
 
 from config.loader import load_settings, parse_dsn  # noqa: E402
-from proxy import protocol as pq  # noqa: E402
 from proxy.client import ClientSession  # noqa: E402
 from proxy.listener import ProxyServer  # noqa: E402
 from proxy.server import ServerConnection  # noqa: E402

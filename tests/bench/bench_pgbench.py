@@ -2,8 +2,10 @@
 
 Owns one benchmark run end to end: it creates a dedicated database and fills it with
 ``pgbench -i``, starts PgBouncer, pgsidecar and pgsidecar with query statistics off
-("pgsidecar-nostats", to show what query observability costs: issue 3) as subprocesses on free
-127.0.0.1 ports (transaction pooling, same pool size), runs pgbench against the targets
+("pgsidecar-nostats", to show what query observability costs: issue 3) and a bare Python relay
+("python-relay", tests/bench/python_relay.py: the floor any Python proxy stands on) as
+subprocesses on free 127.0.0.1 ports (transaction pooling, same pool size; the relay does not
+pool), runs pgbench against the targets
 *interleaved* (target order rotated every round, so drift in the machine hits all alike),
 measures the proxies' CPU seconds per 1,000 transactions with psutil, measures
 single-connection ``SELECT 1`` latency through each target with psycopg, and writes
@@ -13,7 +15,7 @@ This is a benchmark, not a test (CONVENTIONS habit 14): pytest never collects it
 asserts nothing about speed. Run it by hand::
 
     python tests/bench/bench_pgbench.py --quick          # ~2 minutes, checks it works
-    python tests/bench/bench_pgbench.py                  # full run (about 17-18 minutes)
+    python tests/bench/bench_pgbench.py                  # full run (about 21-22 minutes)
 
 It only talks to 127.0.0.1 and stops by itself: every loop is bounded and every subprocess
 has a timeout; all proxies are stopped in ``finally`` (also on Ctrl-C).
@@ -74,9 +76,12 @@ CUSTOM_SCRIPTS: dict[str, str] = {
         "WITH x:n AS (SELECT abalance FROM pgbench_accounts WHERE aid = :aid) SELECT * FROM x:n;\n"
     ),
 }
-TARGETS = ("direct", "pgsidecar", "pgsidecar-nostats", "pgbouncer")
-PROXIES = ("pgsidecar", "pgsidecar-nostats", "pgbouncer")
-PROXY_LABELS = {"pgsidecar": "pgsidecar", "pgsidecar-nostats": "pgsidecar-nostats", "pgbouncer": "PgBouncer"}
+TARGETS = ("direct", "pgsidecar", "pgsidecar-nostats", "pgbouncer", "python-relay")
+PROXIES = ("pgsidecar", "pgsidecar-nostats", "pgbouncer", "python-relay")
+PROXY_LABELS = {"pgsidecar": "pgsidecar", "pgsidecar-nostats": "pgsidecar-nostats", "pgbouncer": "PgBouncer",
+                "python-relay": "python-relay"}
+# Not pooling: each of its clients holds its own server connection (see PythonRelay).
+UNPOOLED = ("python-relay",)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -319,6 +324,31 @@ class PgSidecarNoStats(PgSidecar):
 
     name = "pgsidecar-nostats"
     stats_enabled = False
+
+
+class PythonRelay(Proxy):
+    """``python_relay.py``: a bare uvloop relay that frames messages, one server connection per
+    client (no pooling, no statement tracking). The floor any Python proxy stands on: what of
+    pgsidecar's distance to PgBouncer the event loop costs, and what is pgsidecar's own."""
+
+    name = "python-relay"
+
+    def start(self, up: Upstream, pool_size: int, timeout: float = 20.0) -> None:
+        self.port = free_port()
+        log(f"starting python-relay on 127.0.0.1:{self.port} (no pooling)")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("python_relay.py")), str(self.port), "127.0.0.1",
+             str(up.port)],
+            stdin=subprocess.DEVNULL, stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.alive():
+            if b"relay listening" in self.stdout_path.read_bytes():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"python-relay did not start:\n{self.stderr_tail()}")
 
 
 class PgBouncer(Proxy):
@@ -648,6 +678,12 @@ def summarise(runs: list[dict[str, Any]], workloads: list[str], clients_list: li
                 row["ratio"] = round(side["tps_median"] / row["targets"][ref_name]["tps_median"], 3)
             else:
                 row["ratio"] = None
+            relay = row["targets"].get("python-relay")
+            if relay and bouncer and relay["tps_median"] and bouncer["tps_median"] and not relay["failed"] \
+                    and not bouncer["failed"]:
+                row["relay_ratio"] = round(relay["tps_median"] / bouncer["tps_median"], 3)
+            else:
+                row["relay_ratio"] = None
             if side and direct and side["tps_median"] and direct["tps_median"] and not side["failed"]:
                 row["ratio_vs_direct"] = round(side["tps_median"] / direct["tps_median"], 3)
             else:
@@ -694,7 +730,9 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         "",
         "TPS = median over rounds of pgbench's \"tps (without initial connection time)\"; latency = median of "
         "pgbench's average latency. Ratio = pgsidecar / PgBouncer TPS, or / direct (marked `d`) where PgBouncer "
-        "failed. Stats cost = 1 - pgsidecar TPS / pgsidecar-nostats TPS (pgsidecar-nostats: the same proxy "
+        "failed. python-relay ratio = python-relay / PgBouncer TPS (python-relay: a bare uvloop relay that "
+        "frames messages, one server connection per client: the floor for a proxy in Python). "
+        "Stats cost = 1 - pgsidecar TPS / pgsidecar-nostats TPS (pgsidecar-nostats: the same proxy "
         "with `PGSIDECAR_STATS__ENABLED=false`); paired: the median over rounds of the same, each round's two runs "
         "side by side. CPU = proxy process CPU seconds (user+system) per 1,000 "
         "transactions.",
@@ -710,10 +748,11 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         ]
     lines += [
         "| workload | clients | " + " | ".join(f"{t} TPS" for t in targets)
-        + " | ratio | stats cost | stats cost, paired | " + " | ".join(f"{t} lat ms" for t in targets)
+        + " | ratio | python-relay ratio | stats cost | stats cost, paired | "
+        + " | ".join(f"{t} lat ms" for t in targets)
         + " | failures (fail tx / aborted) | "
         + " | ".join(f"{PROXY_LABELS[t]} CPU s/1k tx" for t in PROXIES) + " |",
-        "|" + "---|" * (2 + len(targets) + 3 + len(targets) + 1 + len(PROXIES)),
+        "|" + "---|" * (2 + len(targets) + 4 + len(targets) + 1 + len(PROXIES)),
     ]
     for row in rows:
         cells = [row["workload"], str(row["clients"])]
@@ -729,6 +768,7 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
             cells.append("–")
         else:
             cells.append(f"{row['ratio']:.2f}" + (" d" if row["reference"] == "direct" else ""))
+        cells.append(fmt(row.get("relay_ratio"), ".2f"))
         cells.append("–" if row.get("stats_cost") is None else f"{row['stats_cost'] * 100:.1f} %")
         cells.append("–" if row.get("stats_cost_paired") is None else f"{row['stats_cost_paired'] * 100:.1f} %")
         for t in targets:
@@ -855,8 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["db"] = prepare_database(up, args.scale, args.skip_init)
     # every proxy keeps its server pool open between runs (idle timeouts of 600 s), so a direct run
     # needs room for its clients next to all the proxies' pools, plus one admin connection
-    n_proxies = sum(t in PROXIES for t in args.target_list)
-    needed = ("direct" in args.target_list) * max(args.clients_list) + n_proxies * args.pool_size + 1
+    n_proxies = sum(t in PROXIES and t not in UNPOOLED for t in args.target_list)
+    # (direct and python-relay runs never overlap: room for one of them)
+    unpooled = "direct" in args.target_list or any(t in UNPOOLED for t in args.target_list)
+    needed = unpooled * max(args.clients_list) + n_proxies * args.pool_size + 1
     meta["db"]["connections_needed"] = needed
     if meta["db"]["max_connections"] < needed:
         log(f"warning: max_connections={meta['db']['max_connections']} may be too low: "
@@ -879,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["pgbouncer_version"] = b.version()
             b.start(up, args.pool_size)
             proxies["pgbouncer"] = b
-        for cls in (PgSidecar, PgSidecarNoStats):
+        for cls in (PgSidecar, PgSidecarNoStats, PythonRelay):
             if cls.name in args.target_list:
                 sdir = workdir / cls.name
                 sdir.mkdir()
