@@ -215,20 +215,27 @@ class Proxy:
         return self.proc is not None and self.proc.poll() is None
 
     def cpu_seconds(self) -> float | None:
-        """user+system of the process, its reaped children and its live children."""
+        """user+system seconds of the process, its reaped children and its live children."""
+        split = self.cpu_split()
+        return None if split is None else split[0] + split[1]
+
+    def cpu_split(self) -> tuple[float, float] | None:
+        """(user, system) seconds of the process, its reaped children and its live children: user is
+        what the proxy's own code costs (for pgsidecar, mostly CPython), system what its syscalls do."""
         if not self.alive():
             return None
         try:
             p = psutil.Process(self.proc.pid)  # type: ignore[union-attr]
             t = p.cpu_times()
-            total = t.user + t.system + t.children_user + t.children_system
+            user, system = t.user + t.children_user, t.system + t.children_system
             for child in p.children(recursive=True):
                 try:
                     ct = child.cpu_times()
-                    total += ct.user + ct.system
+                    user += ct.user
+                    system += ct.system
                 except psutil.Error:
                     pass
-            return total
+            return user, system
         except psutil.Error:
             return None
 
@@ -510,7 +517,7 @@ def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, dura
     cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", up.user,
            "-c", str(clients), "-j", str(min(2, clients)), "-T", str(duration), "-n",
            *workload, database]
-    cpu0 = proxy.cpu_seconds() if proxy else None
+    cpu0 = proxy.cpu_split() if proxy else None
     t0 = time.monotonic()
     timed_out = False
     try:
@@ -523,7 +530,7 @@ def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, dura
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
     wall = time.monotonic() - t0
-    cpu1 = proxy.cpu_seconds() if proxy else None
+    cpu1 = proxy.cpu_split() if proxy else None
     text = out + "\n" + err
 
     def grab(rx: re.Pattern[str], conv: Any) -> Any:
@@ -549,7 +556,10 @@ def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, dura
         errors.append("run was aborted")
     if proxy is not None and not proxy.alive():
         errors.append(f"{proxy.name} process died (exit {proxy.proc.returncode if proxy.proc else '?'})")
-    cpu = (cpu1 - cpu0) if (cpu0 is not None and cpu1 is not None) else None
+    user = sys_ = cpu = None
+    if cpu0 is not None and cpu1 is not None:
+        user, sys_ = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        cpu = user + sys_
     scripts = parse_scripts(out)
     result: dict[str, Any] = {
         "cmd": " ".join(cmd),
@@ -565,6 +575,9 @@ def run_pgbench(up: Upstream, port: int, workload: list[str], clients: int, dura
         "errors": errors,
         "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
         "proxy_cpu_s_per_1k_tx": round(cpu / tx * 1000, 4) if (cpu is not None and tx) else None,
+        # the same split: microseconds of user and of system CPU per transaction
+        "proxy_user_us_per_tx": round(user / tx * 1e6, 1) if (user is not None and tx) else None,
+        "proxy_system_us_per_tx": round(sys_ / tx * 1e6, 1) if (sys_ is not None and tx) else None,
     }
     if scripts:
         result["per_script"] = scripts
@@ -664,6 +677,8 @@ def summarise(runs: list[dict[str, Any]], workloads: list[str], clients_list: li
                     "stderr_sample": list(dict.fromkeys(
                         ln for r in rs for ln in r.get("pgbench_stderr", [])[:3]))[:3],
                     "cpu_s_per_1k_tx_median": median_or_none([r["proxy_cpu_s_per_1k_tx"] for r in ok]),
+                    "user_us_per_tx_median": median_or_none([r.get("proxy_user_us_per_tx") for r in ok]),
+                    "system_us_per_tx_median": median_or_none([r.get("proxy_system_us_per_tx") for r in ok]),
                 }
             side = row["targets"].get("pgsidecar")
             ref_name = None
@@ -735,7 +750,8 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         "Stats cost = 1 - pgsidecar TPS / pgsidecar-nostats TPS (pgsidecar-nostats: the same proxy "
         "with `PGSIDECAR_STATS__ENABLED=false`); paired: the median over rounds of the same, each round's two runs "
         "side by side. CPU = proxy process CPU seconds (user+system) per 1,000 "
-        "transactions.",
+        "transactions, and in brackets µs of user / system CPU per transaction (user: the proxy's own "
+        "code; system: its syscalls).",
         "",
     ]
     db = meta["db"]
@@ -782,7 +798,13 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], latency: d
         cells.append("; ".join(fails) or "none")
         for t in PROXIES:
             s = row["targets"].get(t)
-            cells.append(fmt(s["cpu_s_per_1k_tx_median"], ".3f") if s else "–")
+            if not s:
+                cells.append("–")
+                continue
+            split = ""
+            if s.get("user_us_per_tx_median") is not None and s.get("system_us_per_tx_median") is not None:
+                split = f" ({s['user_us_per_tx_median']:.0f} / {s['system_us_per_tx_median']:.0f})"
+            cells.append(fmt(s["cpu_s_per_1k_tx_median"], ".3f") + split)
         lines.append("| " + " | ".join(cells) + " |")
 
     errs = [(row["workload"], row["clients"], t, s) for row in rows
