@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 import re
 import secrets
 import ssl
@@ -135,6 +136,22 @@ def session_state(sql: bytes) -> tuple[str | None, bool]:
         _state_memo.clear()
     _state_memo[sql] = result
     return result
+
+
+_parsed_memo: dict[bytes, tuple[str | None, bool]] = {}
+
+
+def parsed_state(sql: bytes) -> tuple[str | None, bool]:
+    """``session_state`` of a Parse message's text, memoised by exact text: an extended-protocol
+    client sends the same few texts (with $n parameters) over and over, where a simple Query's
+    text carries new literal values every time (so those are not memoised)."""
+    found = _parsed_memo.get(sql)
+    if found is None:
+        found = session_state(sql)
+        if len(_parsed_memo) >= 4096:
+            _parsed_memo.clear()
+        _parsed_memo[sql] = found
+    return found
 
 
 def parse_options(options: str) -> dict[str, str]:
@@ -792,7 +809,7 @@ class ClientSession(asyncio.Protocol):
                 nul = buf.index(0, pos + 5, end)
                 qend = buf.index(0, nul + 1, end)
                 sql = bytes(buf[nul + 1 : qend])
-                self._inspect(sql, server)
+                self._inspect(sql, server, parsed_state)
                 if measure:
                     self._segment = sql
                 if self._unhinted and HINT_MARK in sql:
@@ -894,8 +911,9 @@ class ClientSession(asyncio.Protocol):
             server.pending.append(Request(K_PARSE, SKIP, sname))
         return sname + b"\x00"
 
-    def _inspect(self, sql: bytes, server: ServerConnection) -> None:
-        reason, drops_statements = session_state(sql)
+    def _inspect(self, sql: bytes, server: ServerConnection,
+                 state: Callable[[bytes], tuple[str | None, bool]] = session_state) -> None:
+        reason, drops_statements = state(sql)
         if drops_statements:
             server.prepared.clear()
         if reason is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from proxy import protocol as pq
-from proxy.client import parse_options, session_state
+from proxy import client as client_module
+from proxy.client import parse_options, parsed_state, session_state
 from proxy.errors import ProxyError
 
 
@@ -83,6 +84,16 @@ def test_fatal_errors_say_fatal() -> None:
 )
 def test_session_state_pins_what_cannot_move(sql: bytes, reason: str | None) -> None:
     assert session_state(sql)[0] == reason
+    # A Parse's text gets the same answer from the memo, the first time and the next.
+    assert parsed_state(sql) == session_state(sql)
+    assert parsed_state(sql) == session_state(sql)
+
+
+def test_parsed_state_memo_is_bounded() -> None:
+    for i in range(5000):
+        assert parsed_state(b"SELECT $1 + %d" % i) == (None, False)
+    assert len(client_module._parsed_memo) <= 4096  # noqa: SLF001
+    assert parsed_state(b"LISTEN x") == ("listen", False)
 
 
 def test_deallocate_and_discard_drop_prepared_statements() -> None:
