@@ -606,8 +606,8 @@ class ResultCache:
 
         ``columns``: for some of the tables (match keys), the only columns the write changed (an
         UPDATE's SET list): an entry that depends on known columns of such a table, none of them
-        changed, stays. Reads racing the write are still refused whatever their columns
-        (``put``: "stale"): the per-table sequence does not know columns."""
+        changed, stays; a read racing the write is refused (``put``: "stale") only when it depends
+        on every column of the table or on a column the write changed (per-column sequences)."""
         self._check_source(source)
         self._invalidations[source] = self._invalidations.get(source, 0) + 1
         self._sequence += 1

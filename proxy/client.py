@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 import re
 import secrets
 import ssl
@@ -107,16 +106,25 @@ _NO_STATE = (None, False)
 # Each alternative starts with a distinct byte, so the engine skips most positions by that byte.
 _SCREEN = re.compile(rb"s(?:et)|l(?:isten|oad)|t(?:emp)|p(?:repare)|h(?:old)|a(?:dvisory)|d(?:ealloc|iscard)")
 _state_memo: dict[bytes, tuple[str | None, bool]] = {}
+_STATE_MEMO = 20000  # entries; cleared when full
 
 
 def session_state(sql: bytes) -> tuple[str | None, bool]:
     """(pin reason or None, whether it drops prepared statements) for a statement text."""
-    # Cheap screen first: almost every statement contains none of these words.
+    # Cheap screen first: almost every statement contains none of these words (and a Query's
+    # text, new literal values every time, is not worth memoising).
     if _SCREEN.search(sql.lower()) is None:
         return _NO_STATE
-    memo = _state_memo.get(sql)
-    if memo is not None:
-        return memo
+    return parsed_state(sql)
+
+
+def parsed_state(sql: bytes) -> tuple[str | None, bool]:
+    """``session_state`` memoised by exact text before any screening: for a Parse message's text,
+    which an extended-protocol client sends again and again (~0.1 µs here against ~0.9 µs for
+    the screen)."""
+    found = _state_memo.get(sql)
+    if found is not None:
+        return found
     reason: str | None = None
     m = _STATE_RE.search(sql)
     if m is not None:
@@ -132,26 +140,10 @@ def session_state(sql: bytes) -> tuple[str | None, bool]:
     result = (reason, _DEALLOCATE_RE.search(sql) is not None)
     if result == _NO_STATE:
         result = _NO_STATE
-    if len(_state_memo) >= 20000:
+    if len(_state_memo) >= _STATE_MEMO:
         _state_memo.clear()
     _state_memo[sql] = result
     return result
-
-
-_parsed_memo: dict[bytes, tuple[str | None, bool]] = {}
-
-
-def parsed_state(sql: bytes) -> tuple[str | None, bool]:
-    """``session_state`` of a Parse message's text, memoised by exact text: an extended-protocol
-    client sends the same few texts (with $n parameters) over and over, where a simple Query's
-    text carries new literal values every time (so those are not memoised)."""
-    found = _parsed_memo.get(sql)
-    if found is None:
-        found = session_state(sql)
-        if len(_parsed_memo) >= 4096:
-            _parsed_memo.clear()
-        _parsed_memo[sql] = found
-    return found
 
 
 def parse_options(options: str) -> dict[str, str]:
@@ -758,7 +750,7 @@ class ClientSession(asyncio.Protocol):
             if t == _Q:
                 pending.append(FORWARD_QUERY)
                 sql = bytes(buf[pos + 5 : end - 1])
-                self._inspect(sql, server)
+                self._inspect(session_state(sql), server)
                 if front is not None:
                     if server.txn != _IDLE:
                         front.cache.record_bypass("in_transaction")  # never looked up, counted
@@ -809,7 +801,7 @@ class ClientSession(asyncio.Protocol):
                 nul = buf.index(0, pos + 5, end)
                 qend = buf.index(0, nul + 1, end)
                 sql = bytes(buf[nul + 1 : qend])
-                self._inspect(sql, server, parsed_state)
+                self._inspect(parsed_state(sql), server)
                 if measure:
                     self._segment = sql
                 if self._unhinted and HINT_MARK in sql:
@@ -911,9 +903,9 @@ class ClientSession(asyncio.Protocol):
             server.pending.append(Request(K_PARSE, SKIP, sname))
         return sname + b"\x00"
 
-    def _inspect(self, sql: bytes, server: ServerConnection,
-                 state: Callable[[bytes], tuple[str | None, bool]] = session_state) -> None:
-        reason, drops_statements = state(sql)
+    def _inspect(self, state: tuple[str | None, bool], server: ServerConnection) -> None:
+        """Act on a statement's ``session_state``: pin the session, forget prepared statements."""
+        reason, drops_statements = state
         if drops_statements:
             server.prepared.clear()
         if reason is not None:

@@ -12,9 +12,9 @@ Owns the database side of the cache's correctness:
   evicts only the results that read a column it set (``proxy.columns``). Tables set up before the
   column triggers existed have one trigger that also fires on UPDATE and names only the table:
   still tracked, evicted per table. A column added later has no trigger: the table is no longer
-  tracked (its results are not cached) until ``install-triggers`` runs again. NOTIFY is transactional: a rolled-back write sends nothing, a
-  committed one is delivered after its commit, and PostgreSQL folds identical payloads of one
-  transaction into one.
+  tracked (its results are not cached) until ``install-triggers`` runs again. NOTIFY is
+  transactional: a rolled-back write sends nothing, a committed one is delivered after its
+  commit, and PostgreSQL folds identical payloads of one transaction into one.
 - ``InvalidationMonitor`` (one per database the proxy serves) holds a LISTEN connection (asyncpg)
   and evicts the named tables from the ``ResultCache`` on each notification. It also reads the
   catalog facts the cache decides with: the tables that carry the trigger (``tracked``) and the

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from .protocol import rows_in_tag
 
 if TYPE_CHECKING:
     from .explain import Explainer
@@ -66,12 +67,7 @@ class Recorder:
         now = time.time()
         for sql, encoding, scope, application_name, client, duration, waited, rows, sqlstate in batch:
             try:
-                # protocol.rows_in_tag, inline: this loop runs once per statement.
-                if isinstance(rows, bytes):
-                    digits = rows[rows.rfind(b" ") + 1 :]
-                    count = int(digits) if digits.isdigit() else 0
-                else:
-                    count = rows
+                count = rows_in_tag(rows) if isinstance(rows, bytes) else rows
                 fp = of_bytes(sql, encoding) if isinstance(sql, bytes) else sql
                 slow = record(fp, scope, application_name, client, duration, waited, count, sqlstate, now)
             except Exception:  # noqa: BLE001 - a bug here must not cost the other statements
