@@ -109,6 +109,9 @@ class CacheSettings:
     # An UPDATE evicts only the cached results that reference a column it sets (proxy.columns),
     # on tables whose triggers name columns; false: every write evicts per table.
     column_invalidation: bool = True
+    # A write evicts only the cached results that read rows it changed (a WHERE on an integer
+    # column: jobs.id = 5), on tables whose triggers name the rows; false: every row.
+    row_invalidation: bool = True
     # How often the list of tables with triggers and of user-defined functions is reloaded.
     catalog_refresh_s: float = 30.0
 

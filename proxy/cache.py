@@ -91,9 +91,9 @@ import hashlib
 import heapq
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 from .fingerprint import Fingerprint
 
@@ -122,6 +122,7 @@ INVALIDATION_SOURCES = ("proxy", "notify", "ttl", "flush")
 ENTRY_OVERHEAD = 256
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_RESULT_BYTES = 1024 * 1024
+_KEYED_LOG = 4096  # keyed invalidations remembered for put's race check
 
 #: Function names (after the last dot, lowercased) whose result differs between calls with the
 #: same arguments, depends on state the key does not hold, or has side effects.
@@ -311,13 +312,14 @@ class CacheSnapshot:
 
 
 class _Entry:
-    __slots__ = ("response", "tables", "match_keys", "columns", "size", "stored_at", "expires_at", "hits",
-                 "fingerprint")
+    __slots__ = ("response", "tables", "match_keys", "columns", "keys", "size", "stored_at", "expires_at",
+                 "hits", "fingerprint")
 
     def __init__(self, response: bytes, tables: tuple[str, ...], match_keys: frozenset[str], size: int,
                  stored_at: float, expires_at: float, columns: Mapping[str, frozenset[str]] | None = None,
-                 fingerprint: Fingerprint | None = None) -> None:
+                 fingerprint: Fingerprint | None = None, keys: Mapping[str, RowKey] | None = None) -> None:
         self.response = response
+        self.keys = keys  # match key -> (column, values): the only rows of it the result depends on
         self.fingerprint = fingerprint  # the statement's, for the query statistics of a hit
         self.tables = tables
         self.match_keys = match_keys
@@ -326,6 +328,32 @@ class _Entry:
         self.stored_at = stored_at
         self.expires_at = expires_at
         self.hits = 0
+
+
+#: (column, values): a result depends only on the rows of a table whose column holds one of values.
+RowKey = tuple[str, frozenset[int]]
+#: What a write changed, per column: the values that column had in the rows it changed.
+ChangedKeys = Mapping[str, frozenset[int]]
+
+
+def _unaffected(match_key: str, read_columns: Mapping[str, frozenset[str]] | None,
+                read_keys: Mapping[str, RowKey] | None, changed: frozenset[str] | None,
+                changed_keys: ChangedKeys | None) -> bool:
+    """A write to table ``match_key`` that changed ``changed`` columns (None: any) of the rows
+    whose key columns held ``changed_keys`` (None: any rows) cannot change a result that reads
+    ``read_columns`` and ``read_keys``: it changed no column the result reads, or only rows
+    outside the ones the result reads."""
+    if changed is not None and read_columns is not None:
+        needed = read_columns.get(match_key)
+        if needed is not None and needed.isdisjoint(changed):
+            return True
+    if changed_keys is not None and read_keys is not None:
+        key = read_keys.get(match_key)
+        if key is not None:
+            values = changed_keys.get(key[0])
+            if values is not None and values.isdisjoint(key[1]):
+                return True
+    return False
 
 
 CachedResult = _Entry  # what a hit gives the session: read ``response`` and ``fingerprint`` only
@@ -355,7 +383,7 @@ class ResultCache:
     __slots__ = ("max_bytes", "max_result_bytes", "max_tracked_tables", "_clock", "_entries", "_index",
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
                  "_writing", "_writing_all", "_writing_unknown", "_writing_columns", "_column_invalidated_at",
-                 "_any_invalidated_at",
+                 "_any_invalidated_at", "_keyed_log", "_keyed_forgotten",
                  "_evictions", "_rejected", "_invalidations", "_bypasses")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
@@ -378,6 +406,11 @@ class ResultCache:
         self._any_invalidated_at: dict[str, int] = {}
         self._column_invalidated_at: dict[str, dict[str, int]] = {}
         self._floor = 0  # tokens older than this are stale (flush, pause, resume)
+        # Invalidations that named the rows they changed (per key column, the values): (sequence,
+        # match key, columns changed or None, changed keys), newest last, for ``put``'s race check;
+        # a token older than the newest one forgotten (past _KEYED_LOG) is stale for every table.
+        self._keyed_log: deque[tuple[int, str, frozenset[str] | None, ChangedKeys]] = deque()
+        self._keyed_forgotten = 0
         self._writing: dict[str, int] = {}  # table match key -> open transactions writing it
         # ... of them, those writing columns no one knows, and per column those that set it
         self._writing_unknown: dict[str, int] = {}
@@ -456,12 +489,15 @@ class ResultCache:
     # -- writes -----------------------------------------------------------------------------------
 
     def put(self, key: bytes, response: bytes, tables: Iterable[str], ttl: float, token: ReadToken,
-            columns: Mapping[str, frozenset[str]] | None = None, fingerprint: Fingerprint | None = None) -> bool:
+            columns: Mapping[str, frozenset[str]] | None = None, fingerprint: Fingerprint | None = None,
+            keys: Mapping[str, RowKey] | None = None) -> bool:
         """Store ``response`` unless too large, paused, without TTL, or raced by an invalidation.
 
         ``columns``: for some of the tables (match keys), the only columns the result depends on
         (``proxy.columns.read_columns``); an invalidation naming other columns of such a table
-        leaves the entry. Tables not in it depend on every column."""
+        leaves the entry. Tables not in it depend on every column. ``keys``: for some of the
+        tables, (column, values): the only rows the result depends on (``proxy.columns.read_keys``);
+        an invalidation that names the rows it changed, none of them such a row, leaves it."""
         table_names = tuple(tables)
         if self._paused:
             return self._reject("paused")
@@ -487,6 +523,16 @@ class ResultCache:
                 changed = self._column_invalidated_at.get(match_key, {})
                 if any(changed.get(column, 0) > sequence for column in read):
                     return self._reject("stale")
+        log = self._keyed_log
+        if log and log[-1][0] > sequence:
+            if self._keyed_forgotten > sequence:
+                return self._reject("stale")
+            for at, match_key, changed_columns, changed_keys in reversed(log):
+                if at <= sequence:
+                    break
+                if match_key in match_keys and not _unaffected(match_key, columns, keys, changed_columns,
+                                                               changed_keys):
+                    return self._reject("stale")
         expires_at = token.started + ttl
         if expires_at <= self._clock():  # the read took longer than the TTL
             return self._reject("expired")
@@ -499,15 +545,15 @@ class ResultCache:
         while self._bytes + size > self.max_bytes:
             self._remove(next(iter(entries)), "lru")
         entries[key] = _Entry(response, table_names, match_keys, size, token.started, expires_at, columns or None,
-                              fingerprint)
+                              fingerprint, keys or None)
         self._bytes += size
         index = self._index
         for match_key in match_keys:
-            keys = index.get(match_key)
-            if keys is None:
+            indexed = index.get(match_key)
+            if indexed is None:
                 index[match_key] = {key}
             else:
-                keys.add(key)
+                indexed.add(key)
         self.stores += 1
         return True
 
@@ -564,12 +610,14 @@ class ResultCache:
                 return True
         return False
 
-    def end_write(self, marks: WriteMarks, committed: bool) -> int:
+    def end_write(self, marks: WriteMarks, committed: bool, notified: Collection[str] = ()) -> int:
         """The transaction that ``begin_write`` gave ``marks`` ended: release them (``marks`` is
         empty after); when it committed, its tables are invalidated once more (reads that began
-        before are not stored), per column where only known columns were written."""
+        before are not stored), per column where only known columns were written, except the
+        ``notified`` ones (match keys): their triggers' notifications, which name the rows
+        changed, have already invalidated them."""
         columns = marks.columns()
-        keys = list(marks.tables)
+        keys = [key for key in marks.tables if key not in notified]
         for match_key, marked in marks.tables.items():
             _release(self._writing, match_key)
             if marked is None:
@@ -601,13 +649,17 @@ class ResultCache:
         return len(self._writing) + self._writing_all
 
     def invalidate(self, tables: Iterable[str], source: str,
-                   columns: Mapping[str, frozenset[str]] | None = None) -> int:
+                   columns: Mapping[str, frozenset[str]] | None = None,
+                   keys: Mapping[str, ChangedKeys] | None = None) -> int:
         """A write to ``tables`` committed: drop every entry that read one; return how many.
 
         ``columns``: for some of the tables (match keys), the only columns the write changed (an
         UPDATE's SET list): an entry that depends on known columns of such a table, none of them
         changed, stays; a read racing the write is refused (``put``: "stale") only when it depends
-        on every column of the table or on a column the write changed (per-column sequences)."""
+        on every column of the table or on a column the write changed (per-column sequences).
+        ``keys``: for some of the tables, per key column the values it held in the rows the write
+        changed (before and after): an entry that depends only on rows with other values
+        (``put``'s ``keys``) stays, and a racing read of such rows is stored."""
         self._check_source(source)
         self._invalidations[source] = self._invalidations.get(source, 0) + 1
         self._sequence += 1
@@ -616,23 +668,28 @@ class ResultCache:
         removed = 0
         for match_key in {table_match_key(table) for table in tables}:
             changed = columns.get(match_key) if columns else None
-            self._any_invalidated_at[match_key] = sequence
-            if changed is None:
-                invalidated_at[match_key] = sequence
+            changed_keys = keys.get(match_key) if keys else None
+            if changed_keys is not None:
+                log = self._keyed_log
+                log.append((sequence, match_key, changed, changed_keys))
+                if len(log) > _KEYED_LOG:
+                    self._keyed_forgotten = log.popleft()[0]
             else:
-                by_column = self._column_invalidated_at.setdefault(match_key, {})
-                for column in changed:
-                    by_column[column] = sequence
-            keys = self._index.get(match_key)
-            if keys:
+                self._any_invalidated_at[match_key] = sequence
+                if changed is None:
+                    invalidated_at[match_key] = sequence
+                else:
+                    by_column = self._column_invalidated_at.setdefault(match_key, {})
+                    for column in changed:
+                        by_column[column] = sequence
+            found = self._index.get(match_key)
+            if found:
                 entries = self._entries
-                for key in list(keys):
-                    if changed is not None:
-                        read = entries[key].columns
-                        if read is not None:
-                            needed = read.get(match_key)
-                            if needed is not None and needed.isdisjoint(changed):
-                                continue  # the write changed no column this result depends on
+                for key in list(found):
+                    if changed is not None or changed_keys is not None:
+                        entry = entries[key]
+                        if _unaffected(match_key, entry.columns, entry.keys, changed, changed_keys):
+                            continue  # the write changed nothing this result depends on
                     self._remove(key, "invalidation")
                     removed += 1
         if len(self._any_invalidated_at) > self.max_tracked_tables:
@@ -710,6 +767,7 @@ class ResultCache:
             self._evictions[reason] = self._evictions.get(reason, 0) + 1
 
     def _forget_invalidations(self) -> None:
+        self._keyed_log.clear()
         self._invalidated_at.clear()
         self._any_invalidated_at.clear()
         self._column_invalidated_at.clear()

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, TypeVar
 from .cache import (
     HINT_MARK,
     CachedResult,
+    RowKey,
     CacheSnapshot,
     ReadToken,
     ResultCache,
@@ -62,7 +63,7 @@ from .cache import (
     decide,
     table_match_key,
 )
-from .columns import read_columns, update_columns
+from .columns import KeyValue, read_columns, read_keys, update_columns
 from .fingerprint import decode_sql
 from .invalidation import InvalidationMonitor
 
@@ -120,12 +121,13 @@ class Fill:
     """A cacheable miss in flight: the response bytes as they are forwarded to the client."""
 
     __slots__ = ("key", "tables", "ttl", "token", "parts", "size", "limit", "dead", "extended", "columns",
-                 "fingerprint")
+                 "fingerprint", "keys")
 
     def __init__(self, key: bytes, tables: tuple[str, ...], ttl: float, token: ReadToken, limit: int,
                  extended: bool = False, columns: dict[str, frozenset[str]] | None = None,
-                 fingerprint: Fingerprint | None = None) -> None:
+                 fingerprint: Fingerprint | None = None, keys: dict[str, RowKey] | None = None) -> None:
         self.extended = extended
+        self.keys = keys  # per table, (column, values): the only rows the result depends on
         self.fingerprint = fingerprint
         self.columns = columns  # per table, the only columns the result depends on (see proxy.columns)
         self.key = key
@@ -176,6 +178,73 @@ def volatile_params(bind: bytes, pos: int) -> bool:
     return False
 
 
+_INT_TYPES = {0: (2, 4, 8), 21: (2,), 23: (4,), 20: (8,)}  # parameter type OID -> binary lengths
+_INTEGER_TEXT = re.compile(rb"\s*[+-]?[0-9]+\s*\Z")
+
+
+def _has_keys(text: str) -> bool:
+    return bool(read_keys(text))
+
+
+class Bind:
+    """The parameters of one Bind message, read when a keyed read needs one as an integer."""
+
+    __slots__ = ("body", "pos", "types")
+
+    def __init__(self, body: bytes, pos: int, parse: bytes | None) -> None:
+        self.body = body  # the message (or its body)
+        self.pos = pos  # where its parameter format count is
+        self.types = parse  # the statement's Parse message after its name (text, types), if known
+
+    def integer(self, number: int) -> int | None:
+        """Parameter ``number`` (1-based) as an integer, or None when it is not plainly one: a
+        text value holding only an integer, or a binary int2/int4/int8 (by its declared type, or
+        of the length of one when the server infers its type)."""
+        try:
+            body, pos = self.body, self.pos
+            (nformats,) = _H.unpack_from(body, pos)
+            if nformats == 0:
+                fmt = 0
+            else:
+                index = 0 if nformats == 1 else number - 1
+                if index >= nformats:
+                    return None
+                (fmt,) = _H.unpack_from(body, pos + 2 + 2 * index)
+            pos += 2 + 2 * nformats
+            (nparams,) = _H.unpack_from(body, pos)
+            if not 0 < number <= nparams:
+                return None
+            pos += 2
+            for _ in range(number - 1):
+                (length,) = _L.unpack_from(body, pos)
+                pos += 4 + max(length, 0)
+            (length,) = _L.unpack_from(body, pos)
+            if length < 0:
+                return None  # NULL
+            value = body[pos + 4 : pos + 4 + length]
+            if fmt == 0:
+                return int(value) if _INTEGER_TEXT.match(value) else None
+            oid = self._type(number)
+            if oid is None or length not in _INT_TYPES.get(oid, ()):
+                return None
+            return int.from_bytes(value, "big", signed=True)
+        except (struct.error, ValueError):
+            return None
+
+    def _type(self, number: int) -> int | None:
+        """The declared type OID of parameter ``number`` (0: unspecified), None when unknown."""
+        parse = self.types
+        if parse is None:
+            return None
+        end = parse.find(0)
+        if end < 0:
+            return None
+        (count,) = _H.unpack_from(parse, end + 1)
+        if number > count:
+            return 0
+        return int(_L.unpack_from(parse, end + 3 + 4 * (number - 1))[0])
+
+
 def _check_response(data: bytes, extended: bool = False) -> int:
     """Rows of a storable response, or -1 when it must not be stored. Simple protocol:
     T D* C Z('I'); extended: any of ParseComplete, BindComplete, ParameterDescription, NoData,
@@ -217,10 +286,15 @@ class CacheFront:
         self.monitors: dict[str, InvalidationMonitor] = {}
         self.fills = 0  # Fills started (for tests and the API)
         self.column_invalidation = settings.column_invalidation
+        self.row_invalidation = settings.row_invalidation
         # proxy.columns' answers by (fingerprint id, normalised text): texts that differ only in
         # literal values reference the same columns. Cleared when it reaches _COLUMN_MEMO.
         self._reads: dict[tuple[str, str], dict[str, frozenset[str]]] = {}
         self._updates: dict[tuple[str, str], tuple[str, frozenset[str]] | None] = {}
+        # Whether a statement shape restricts a table's rows by key (proxy.columns.read_keys), and
+        # read_keys' answers by exact text (parameter texts repeat; literal texts mostly do not).
+        self._key_shapes: dict[tuple[str, str], bool] = {}
+        self._key_texts: dict[bytes, dict[str, tuple[str, tuple[KeyValue, ...]]]] = {}
 
     # ------------------------------------------------------------------ monitors
     def monitor_for(self, database: str, endpoint: Endpoint) -> InvalidationMonitor:
@@ -229,6 +303,7 @@ class CacheFront:
             monitor = self.monitors[database] = InvalidationMonitor(
                 self.cache, endpoint, self.settings.catalog_refresh_s,
                 column_invalidation=self.column_invalidation)
+            monitor.row_invalidation = self.row_invalidation
             monitor.start()
         return monitor
 
@@ -248,14 +323,15 @@ class CacheFront:
 
     # ------------------------------------------------------------------ reads
     def lookup(self, sql: bytes, database: str, user: str, settings: str, encoding: str,
-               endpoint: Endpoint, segment: bytes = b"") -> CachedResult | Fill | None:
+               endpoint: Endpoint, segment: bytes = b"", bind: Bind | None = None) -> CachedResult | Fill | None:
         """A stored entry (hit: its ``response`` and ``fingerprint``), a Fill (cacheable miss), or
         None (bypass, counted).
 
         ``settings`` is every session setting that shapes a result (search_path, TimeZone,
         DateStyle, client_encoding, ...) as one string: part of the key. ``segment``, for the
         extended protocol, is the client's messages up to Sync with statement names replaced by
-        their text (so Bind parameters, formats and Describes are in the key); empty for a Query."""
+        their text (so Bind parameters, formats and Describes are in the key); empty for a Query.
+        ``bind``: its Bind's parameters, for the rows a keyed read depends on."""
         cache = self.cache
         if self.mode == "hinted" and HINT_MARK not in sql:
             cache.record_bypass("not_hinted")
@@ -289,13 +365,42 @@ class CacheFront:
                     return None
         cache.record_miss()
         self.fills += 1
-        columns = None
-        if self.column_invalidation and monitor.column_safe:
+        columns = keys = None
+        if (self.column_invalidation and monitor.column_safe) or (self.row_invalidation and monitor.keyed):
+            # A user-defined function may read columns and rows the text does not name.
             user_functions = monitor.user_functions
             if not any(function.rsplit(".", 1)[-1] in user_functions for function in fp.functions):
-                columns = self._read_columns(fp, sql, encoding)
+                if self.column_invalidation and monitor.column_safe:
+                    columns = self._read_columns(fp, sql, encoding)
+                if self.row_invalidation and monitor.keyed:
+                    keys = self._read_keys(fp, sql, encoding, monitor.keyed, bind)
         return Fill(key, decision.tables, decision.ttl, cache.begin_read(decision.tables),
-                    cache.max_result_bytes + 6, bool(segment), columns, fp)
+                    cache.max_result_bytes + 6, bool(segment), columns, fp, keys)
+
+    def _read_keys(self, fp: Fingerprint, sql: bytes, encoding: str, keyed: frozenset[str],
+                   bind: Bind | None) -> dict[str, RowKey] | None:
+        """Per keyed table, (column, values): the only rows of it the result depends on."""
+        if not _memoised(self._key_shapes, _has_keys, fp, sql, encoding):
+            return None
+        found = self._key_texts.get(sql)
+        if found is None:
+            found = read_keys(decode_sql(sql, encoding))
+            if len(self._key_texts) >= _COLUMN_MEMO:
+                self._key_texts.clear()
+            self._key_texts[sql] = found
+        keys: dict[str, RowKey] = {}
+        for table, (column, values) in found.items():
+            if table not in keyed:
+                continue
+            resolved: set[int] = set()
+            for value in values:
+                number = value if isinstance(value, int) else None if bind is None else bind.integer(int(value[1:]))
+                if number is None:
+                    break
+                resolved.add(number)
+            else:
+                keys[table] = (column, frozenset(resolved))
+        return keys or None
 
     def _read_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, frozenset[str]] | None:
         return _memoised(self._reads, read_columns, fp, sql, encoding) or None
@@ -315,7 +420,7 @@ class CacheFront:
             cache.record_rejected("not_a_result")
             return False
         return cache.put(fill.key, rows.to_bytes(8, "big") + data, fill.tables, fill.ttl, fill.token, fill.columns,
-                         fill.fingerprint)
+                         fill.fingerprint, fill.keys)
 
     # ------------------------------------------------------------------ writes
     def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None

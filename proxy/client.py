@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from . import protocol as pq
 from .auth import AuthFailed
 from .cache import HINT_MARK, WriteMarks
-from .caching import CHAIN, FLUSH, READ, ROLLBACK, WRITE, Fill, volatile_params
+from .invalidation import Watch
+from .caching import CHAIN, FLUSH, READ, ROLLBACK, WRITE, Bind, Fill, volatile_params
 from .errors import ProxyError
 from .stats import Scope
 from .server import (
@@ -230,6 +231,7 @@ class ClientSession(asyncio.Protocol):
         # The tables (match keys) the open transaction wrote, as marked in the cache, with the
         # columns its UPDATEs set (ResultCache.begin_write).
         self._written = WriteMarks()
+        self._watch: Watch | None = None  # the notifications of the server backend it writes through
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
         self._unnoted = False  # statements went unclassified while no read had ever been cached
@@ -1065,6 +1067,7 @@ class ClientSession(asyncio.Protocol):
         parts: list[bytes] = []
         text = b""
         binds = executes = 0
+        bind = None
         pos = 0
         try:
             while pos < n:
@@ -1093,6 +1096,10 @@ class ClientSession(asyncio.Protocol):
                     text = sql
                     parts.append(b"B" + bytes(data[pos + 5 : p1 + 1]) + sql + bytes(data[p2:end]))
                     binds += 1
+                    name = bytes(data[p1 + 1 : p2])
+                    known = statements.get(name)
+                    bind = Bind(bytes(data[pos:end]), p2 + 1 - pos,
+                                next((r for n_, r, _ in reversed(parses) if n_ == name), known[1] if known else None))
                 elif t == _D:
                     if data[pos + 5] == _S:
                         parts.append(b"DS" + self._text_of(bytes(data[pos + 6 : end - 1]), parsed))
@@ -1110,7 +1117,7 @@ class ClientSession(asyncio.Protocol):
             return False
         start = time.monotonic()
         found = front.lookup(text, self.database, self.user, self._cache_settings, self._encoding,
-                             self.pool.endpoint, b"E" + b"".join(parts))  # type: ignore[union-attr]
+                             self.pool.endpoint, b"E" + b"".join(parts), bind)  # type: ignore[union-attr]
         if found is None:
             return False
         if isinstance(found, Fill):
@@ -1155,6 +1162,10 @@ class ClientSession(asyncio.Protocol):
         if action == WRITE:
             # What reads these columns is neither served nor stored until this transaction ends.
             front.cache.begin_write(keys, columns, self._written)
+            if self._watch is None and self.server is not None and self.server.pid:
+                monitor = front.monitors.get(self.database)
+                if monitor is not None and monitor.ready:
+                    self._watch = monitor.watch(self.server.pid)
         elif action == FLUSH:
             self._write_anything()
         elif action == CHAIN:
@@ -1177,8 +1188,17 @@ class ClientSession(asyncio.Protocol):
         front = self._front
         assert front is not None
         cache = front.cache
+        watch, self._watch = self._watch, None
+        monitor = front.monitors.get(self.database) if watch is not None else None
         if self._written:
-            cache.end_write(self._written, committed)
+            if (committed and monitor is not None and not self._flush and not self._ddl
+                    and monitor.commit_fenced(self._written, watch)):  # type: ignore[arg-type]
+                self._written = WriteMarks()  # the monitor releases those marks after the fence
+                watch = None  # ... and ends the watch
+            else:
+                cache.end_write(self._written, committed)
+        if watch is not None and monitor is not None:
+            monitor.unwatch(watch)
         if self._flush:
             cache.end_write_all(committed)
             self._flush = False

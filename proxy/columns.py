@@ -37,6 +37,7 @@ turns all this off.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pglast import parser as _pg
@@ -187,3 +188,152 @@ def update_columns(sql: str) -> tuple[str, frozenset[str]] | None:
     if not names or not relation.get("relname"):
         return None
     return table_match_key(relation["relname"]), frozenset(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row keys: which rows of a table a SELECT can depend on (issue 4, invalidation per row).
+#
+# ``read_keys(sql)`` -> {table match key: (column, values)} for each table whose rows the result
+# can depend on only where ``column`` holds one of ``values``: a top-level WHERE conjunct
+# ``alias.column = <integer>`` or ``alias.column IN (<integers>)`` (or the mirror ``<integer> =
+# alias.column``) on a table named exactly once in the whole statement, in the top-level FROM. A
+# value is an int (an integer literal, or a string literal holding only an integer) or a str
+# ``"$n"`` (bind parameter n, resolved by the caller from the Bind message). Such a conjunct is
+# strict: every output row, every aggregate and every window comes from rows of that table
+# where it holds, whatever the joins (outer ones included: a null-extended row fails it). So a
+# write that changed only rows whose ``column`` (before and after) is outside ``values`` cannot
+# change the result. The invalidation triggers report, per write, the values of the table's
+# integer columns over the rows it changed (old and new versions).
+#
+# An unqualified column counts only when the top-level FROM is one table and nothing else. Set
+# operations, OR, NOT, casts, other operators, a schema-qualified ``OPERATOR()``, numbers that are
+# not integers: no key (the table then depends on every row, as before).
+
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*\Z")
+KeyValue = int | str
+
+
+def _integer(node: Any) -> KeyValue | None:
+    """The key value of one operand: an integer constant, a string constant holding one, $n."""
+    if not isinstance(node, dict):
+        return None
+    const = node.get("A_Const")
+    if const is not None:
+        if "ival" in const:
+            return int(const["ival"].get("ival", 0))  # protobuf JSON omits a 0
+        sval = const.get("sval")
+        if sval is not None:
+            text = str(sval.get("sval", ""))
+            if _INTEGER.match(text):
+                return int(text)
+        return None
+    param = node.get("ParamRef")
+    if param is not None and isinstance(param.get("number"), int):
+        return f"${param['number']}"
+    return None
+
+
+def _top_from(from_clause: list[Any], aliases: dict[str, str], items: list[str]) -> None:
+    """Aliases (or names) of the RangeVars of a FROM list, through joins, not into subqueries."""
+    for item in from_clause:
+        if not isinstance(item, dict):
+            items.append("?")
+            continue
+        var = item.get("RangeVar")
+        if var is not None:
+            alias = (var.get("alias") or {})
+            if alias.get("colnames"):
+                items.append("?")
+                continue
+            name = alias.get("aliasname") or var.get("relname", "")
+            aliases[name] = table_match_key(var.get("relname", ""))
+            items.append(aliases[name])
+            continue
+        join = item.get("JoinExpr")
+        if join is not None:
+            _top_from([join.get("larg"), join.get("rarg")], aliases, items)
+            items.append("?")  # a join: an unqualified column may be any side's
+            continue
+        items.append("?")
+
+
+def _conjuncts(where: Any) -> list[Any]:
+    if isinstance(where, dict):
+        boolean = where.get("BoolExpr")
+        if boolean is not None:
+            if boolean.get("boolop") == "AND_EXPR":
+                found: list[Any] = []
+                for arg in boolean.get("args", ()):
+                    found.extend(_conjuncts(arg))
+                return found
+            return []
+        return [where]
+    return []
+
+
+def read_keys(sql: str) -> dict[str, tuple[str, tuple[KeyValue, ...]]]:
+    """Per table, the key column and values its rows are restricted to (see above); {} if none."""
+    statements = _statements(sql)
+    if not statements or len(statements) != 1:
+        return {}
+    select = statements[0].get("SelectStmt")
+    if select is None or select.get("op", "SETOP_NONE") != "SETOP_NONE" or "whereClause" not in select:
+        return {}
+    walk = _Walk()
+    walk.visit(statements[0])
+    if walk.ctes:
+        ctes = {table_match_key(name) for name in walk.ctes}
+    else:
+        ctes = set()
+    named: dict[str, int] = {}
+    stack: list[Any] = [statements[0]]
+    while stack:  # how many times each table is named anywhere in the statement
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                if key == "RangeVar":
+                    match = table_match_key(value.get("relname", ""))
+                    named[match] = named.get(match, 0) + 1
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+    aliases: dict[str, str] = {}
+    items: list[str] = []
+    _top_from(select.get("fromClause", []), aliases, items)
+    only = items[0] if len(items) == 1 and items[0] != "?" else None
+    found: dict[str, tuple[str, tuple[KeyValue, ...]]] = {}
+    for conjunct in _conjuncts(select["whereClause"]):
+        expr = conjunct.get("A_Expr") if isinstance(conjunct, dict) else None
+        if expr is None or [_name(n) for n in expr.get("name", ())] != ["="]:
+            continue
+        kind = expr.get("kind")
+        left, right = expr.get("lexpr"), expr.get("rexpr")
+        values: list[KeyValue | None]
+        if kind == "AEXPR_OP":
+            if isinstance(left, dict) and "ColumnRef" in left:
+                ref, values = left, [_integer(right)]
+            elif isinstance(right, dict) and "ColumnRef" in right:
+                ref, values = right, [_integer(left)]
+            else:
+                continue
+        elif kind == "AEXPR_IN" and isinstance(left, dict) and "ColumnRef" in left:
+            listed = (right or {}).get("List", {}).get("items", []) if isinstance(right, dict) else []
+            ref, values = left, [_integer(item) for item in listed] or [None]
+        else:
+            continue
+        if any(value is None for value in values):
+            continue
+        names = [_name(field) for field in ref["ColumnRef"].get("fields", [])]
+        if len(names) == 2 and names[0] is not None and names[0] in aliases:
+            table = aliases[names[0]]
+        elif len(names) == 1 and only is not None:
+            table = only
+        else:
+            continue
+        column = names[-1]
+        if column is None or column in _SYSTEM_COLUMNS or table in ctes or named.get(table) != 1:
+            continue
+        if table not in found:  # the first conjunct on a table is enough
+            found[table] = (column, tuple(value for value in values if value is not None))
+    return found

@@ -37,9 +37,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
-from .cache import ResultCache, table_match_key
+from .cache import ResultCache, WriteMarks, table_match_key
 from .protocol import quote_ident, quote_literal
 
 if TYPE_CHECKING:
@@ -55,6 +56,16 @@ DDL_FUNCTION = "pgsidecar_cache_ddl_notify"
 EVENT_TRIGGERS = ("pgsidecar_cache_ddl", "pgsidecar_cache_drop")
 
 COLUMN_TRIGGER_PREFIX = "pgsidecar_cache_col_"  # + attnum: AFTER UPDATE OF that column
+MARK_FUNCTION = "pgsidecar_cache_mark_column"
+ROWS_FUNCTION = "pgsidecar_cache_notify_rows"
+# AFTER INSERT / DELETE / UPDATE with transition tables. Their names sort after the column
+# triggers': PostgreSQL fires a statement's triggers in name order, so the UPDATE one reads the
+# columns the column triggers marked.
+ROW_TRIGGERS = ("pgsidecar_cache_rows_ins", "pgsidecar_cache_rows_del", "pgsidecar_cache_rows_upd")
+COLUMN_SETTING = "pgsidecar.cache_columns"  # transaction-local: "relid.attnum," per column marked
+FENCE_CHANNEL = "pgsidecar_cache_fence"
+MAX_KEYED_ROWS = 100  # a write changing more rows notifies no keys (per table or column, as before)
+MAX_KEY_COLUMNS = 20
 
 FUNCTION_SQL = f"""
 CREATE OR REPLACE FUNCTION public.{FUNCTION}() RETURNS trigger
@@ -73,6 +84,78 @@ BEGIN
     ELSE
         PERFORM pg_notify('{CHANNEL}', names::text);
     END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.{MARK_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    -- A column trigger (UPDATE OF one column, TG_ARGV[0] its attnum): note the column for the
+    -- rows trigger of the same statement, which fires next and notifies.
+    PERFORM set_config('{COLUMN_SETTING}', COALESCE(current_setting('{COLUMN_SETTING}', true), '')
+                       || TG_RELID::text || '.' || TG_ARGV[0] || ',', true);
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION public.{ROWS_FUNCTION}() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    names json;
+    marked text;
+    cols json;
+    key_columns text[];
+    covered boolean;
+    source text;
+    changed bigint;
+    keys json;
+    payload text;
+BEGIN
+    names := COALESCE(
+        (SELECT json_agg(c.relname)
+         FROM pg_partition_ancestors(TG_RELID) AS a
+         JOIN pg_class AS c ON c.oid = a.relid),
+        json_build_array(TG_TABLE_NAME));
+    -- The integer columns (their values in the changed rows are the keys), and whether every
+    -- column has its enabled column trigger (else the columns an UPDATE set are not all known).
+    SELECT (array_agg(a.attname::text ORDER BY a.attnum)
+                FILTER (WHERE a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)))[1:{MAX_KEY_COLUMNS}],
+           bool_and(EXISTS (SELECT 1 FROM pg_trigger AS t
+                            WHERE t.tgrelid = TG_RELID AND t.tgenabled <> 'D'
+                              AND t.tgname = '{COLUMN_TRIGGER_PREFIX}' || a.attnum))
+      INTO key_columns, covered
+      FROM pg_attribute AS a
+     WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
+    IF TG_OP = 'UPDATE' THEN
+        marked := ',' || COALESCE(current_setting('{COLUMN_SETTING}', true), '');
+        PERFORM set_config('{COLUMN_SETTING}', '', true);
+        IF covered THEN
+            SELECT json_agg(a.attname) INTO cols FROM pg_attribute AS a
+             WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
+               AND position(',' || TG_RELID::text || '.' || a.attnum || ',' IN marked) > 0;
+        END IF;
+        source := 'SELECT %1$s FROM pgsidecar_old UNION ALL SELECT %1$s FROM pgsidecar_new';
+    ELSIF TG_OP = 'INSERT' THEN
+        source := 'SELECT %1$s FROM pgsidecar_new';
+    ELSE
+        source := 'SELECT %1$s FROM pgsidecar_old';
+    END IF;
+    IF key_columns IS NOT NULL THEN
+        EXECUTE 'SELECT count(*) FROM (' || format(source, '1') || ') AS s' INTO changed;
+        IF changed <= {MAX_KEYED_ROWS} THEN
+            EXECUTE 'SELECT json_build_object('
+                || (SELECT string_agg(quote_literal(k) || ', json_agg(DISTINCT ' || quote_ident(k) || ')', ', ')
+                    FROM unnest(key_columns) AS k)
+                || ') FROM (' || format(source, (SELECT string_agg(quote_ident(k), ', ') FROM unnest(key_columns) AS k)) || ') AS s'
+              INTO keys;
+        END IF;
+    END IF;
+    payload := json_build_object('tables', names, 'columns', cols, 'keys', keys)::text;
+    IF length(payload) > 7900 THEN
+        payload := json_build_object('tables', names, 'columns', cols)::text;
+    END IF;
+    PERFORM pg_notify('{CHANNEL}', payload);
     RETURN NULL;
 END
 $fn$
@@ -117,13 +200,16 @@ WHERE c.relkind IN ('r', 'p')
 ORDER BY 1, 2
 """
 
-# Per table with the trigger: whether it fires on every UPDATE (as installed before column
-# triggers existed), whether every live column has its enabled column trigger, and whether an
-# UPDATE may change more than it sets (row security, generated columns, BEFORE UPDATE triggers).
-# Tracked: the first or the second. Column-safe: column triggers only, all present, nothing more.
+# Per table with the triggers: whether the table trigger fires on every UPDATE (as installed before
+# column triggers existed), whether every live column has its enabled column trigger, whether an
+# UPDATE may change more than it sets (row security, generated columns, BEFORE UPDATE triggers),
+# whether the table trigger fires on INSERT and DELETE too (installed before the rows triggers
+# existed), and whether the rows triggers are all there (keyed: writes name the rows they change).
+# Tracked: keyed, or the older kinds (every UPDATE, or all column triggers). Column-safe: tracked,
+# all column triggers present, nothing more.
 _TRACKED_SQL = f"""
 SELECT c.relname,
-       bool_or((t.tgtype::int & 16) <> 0) AS every_update,
+       bool_or(t.tgname = '{TRIGGER}' AND (t.tgtype::int & 16) <> 0) AS every_update,
        NOT EXISTS (
            SELECT 1 FROM pg_attribute AS a
            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -136,9 +222,12 @@ SELECT c.relname,
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated <> '')
        OR EXISTS (SELECT 1 FROM pg_trigger AS b
                   WHERE b.tgrelid = c.oid AND NOT b.tgisinternal AND b.tgenabled <> 'D'
-                    AND (b.tgtype::int & 2) <> 0 AND (b.tgtype::int & 16) <> 0) AS more_than_set
+                    AND (b.tgtype::int & 2) <> 0 AND (b.tgtype::int & 16) <> 0) AS more_than_set,
+       bool_or(t.tgname = '{TRIGGER}' AND (t.tgtype::int & 12) = 12) AS old_style,
+       count(DISTINCT t.tgname) FILTER (WHERE t.tgname <> '{TRIGGER}') = {len(ROW_TRIGGERS)}
+       AND bool_or(t.tgname = '{TRIGGER}' AND (t.tgtype::int & 32) <> 0) AS keyed
 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
-WHERE t.tgname = '{TRIGGER}' AND t.tgenabled <> 'D'
+WHERE t.tgname IN ('{TRIGGER}', '{"', '".join(ROW_TRIGGERS)}') AND t.tgenabled <> 'D'
 GROUP BY c.oid, c.relname, c.relrowsecurity
 """
 
@@ -157,7 +246,8 @@ WEBHOOK_TRIGGERS = ("pgsidecar_webhook_capture", "pgsidecar_webhook_truncate")
 WEBHOOK_WRITES = ("webhook_events", "webhook_deliveries")
 _AFTER_TRIGGERS_SQL = f"""
 SELECT DISTINCT c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
-WHERE NOT t.tgisinternal AND t.tgname NOT IN ('{TRIGGER}', '{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}')
+WHERE NOT t.tgisinternal
+  AND t.tgname NOT IN ('{TRIGGER}', '{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}', '{"', '".join(ROW_TRIGGERS)}')
   AND t.tgname NOT LIKE '{COLUMN_TRIGGER_PREFIX}%'
   AND (t.tgtype::int & 2) = 0
 """
@@ -204,9 +294,11 @@ def _drop_column_triggers_sql(qualified: str) -> str:
 
 
 def trigger_sql(schema: str, table: str) -> str:
-    """Statements (separated by "; ") that put the cache's triggers on one table: one for INSERT,
-    DELETE and TRUNCATE (it names the table), one per column for UPDATE OF that column (it names
-    the table and the column: an UPDATE evicts only results that read a column it sets)."""
+    """Statements (separated by "; ") that put the cache's triggers on one table: one for TRUNCATE
+    (it names the table), one each for INSERT, DELETE and UPDATE with transition tables (they name
+    the table and, per integer column, its values in the rows changed: an entry that read other
+    rows stays), and one per column for UPDATE OF that column (it marks the column for the UPDATE
+    trigger: an UPDATE evicts only results that read a column it sets)."""
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
     literal = quote_literal(qualified)
     columns = (
@@ -214,20 +306,26 @@ def trigger_sql(schema: str, table: str) -> str:
         f"FOR r IN SELECT attnum, attname FROM pg_attribute WHERE attrelid = {literal}::regclass"
         f" AND attnum > 0 AND NOT attisdropped LOOP\n"
         f"EXECUTE format('CREATE TRIGGER %I AFTER UPDATE OF %I ON %s FOR EACH STATEMENT"
-        f" EXECUTE FUNCTION public.{FUNCTION}(%L)', '{COLUMN_TRIGGER_PREFIX}' || r.attnum, r.attname,"
-        f" {literal}::regclass, r.attname);\n"
+        f" EXECUTE FUNCTION public.{MARK_FUNCTION}(%L)', '{COLUMN_TRIGGER_PREFIX}' || r.attnum, r.attname,"
+        f" {literal}::regclass, r.attnum);\n"
         f"END LOOP;\nEND $do$")
-    return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {qualified}; "
-            f"{_drop_column_triggers_sql(qualified)}; "
-            f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR DELETE OR TRUNCATE ON {qualified} "
+    insert, delete, update = ROW_TRIGGERS
+    rows = f"FOR EACH STATEMENT EXECUTE FUNCTION public.{ROWS_FUNCTION}()"
+    return (f"{drop_trigger_sql(schema, table)}; "
+            f"CREATE TRIGGER {TRIGGER} AFTER TRUNCATE ON {qualified} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION public.{FUNCTION}(); "
+            f"CREATE TRIGGER {insert} AFTER INSERT ON {qualified} REFERENCING NEW TABLE AS pgsidecar_new {rows}; "
+            f"CREATE TRIGGER {delete} AFTER DELETE ON {qualified} REFERENCING OLD TABLE AS pgsidecar_old {rows}; "
+            f"CREATE TRIGGER {update} AFTER UPDATE ON {qualified} "
+            f"REFERENCING OLD TABLE AS pgsidecar_old NEW TABLE AS pgsidecar_new {rows}; "
             f"{columns}")
 
 
 def drop_trigger_sql(schema: str, table: str) -> str:
     """Statements (separated by "; ") that remove the cache's triggers from one table."""
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
-    return f"DROP TRIGGER IF EXISTS {TRIGGER} ON {qualified}; {_drop_column_triggers_sql(qualified)}"
+    drops = "; ".join(f"DROP TRIGGER IF EXISTS {name} ON {qualified}" for name in (TRIGGER, *ROW_TRIGGERS))
+    return f"{drops}; {_drop_column_triggers_sql(qualified)}"
 
 
 async def install_triggers(conn: Any, tables: list[str] | None = None) -> list[str]:
@@ -273,13 +371,15 @@ async def remove_triggers(conn: Any) -> list[str]:
     rows = await conn.fetch(
         "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid "
         "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-        "WHERE t.tgname = $1 OR starts_with(t.tgname, $2) ORDER BY 1, 2", TRIGGER, COLUMN_TRIGGER_PREFIX)
+        "WHERE t.tgname = $1 OR starts_with(t.tgname, $2) OR t.tgname = ANY($3::text[]) ORDER BY 1, 2",
+        TRIGGER, COLUMN_TRIGGER_PREFIX, list(ROW_TRIGGERS))
     has_events = await conn.fetchval(
         "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1::text[])", list(EVENT_TRIGGERS))
     async with conn.transaction():
         for row in rows:
             await conn.execute(drop_trigger_sql(row[0], row[1]))
-        await conn.execute(f"DROP FUNCTION IF EXISTS public.{FUNCTION}()")
+        for name in (FUNCTION, MARK_FUNCTION, ROWS_FUNCTION):
+            await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
         if has_events:
             for name in EVENT_TRIGGERS:
                 await conn.execute(f"DROP EVENT TRIGGER IF EXISTS {name}")
@@ -306,22 +406,36 @@ def cascade_closure(edges: Any) -> dict[str, frozenset[str]]:
     return closure
 
 
-def parse_payload(payload: str) -> tuple[list[str], frozenset[str] | None]:
-    """Table names of one notification and, from a column trigger, the column the UPDATE set
-    (None: every column may have changed). A JSON array of names, an object
-    ``{"tables": [...], "columns": [...]}``, or a bare name."""
+def parse_payload(payload: str) -> tuple[list[str], frozenset[str] | None, dict[str, frozenset[int]] | None]:
+    """Table names of one notification; the columns the write changed (None: any may have); and
+    per integer column, its values in the rows the write changed (None: any rows). A JSON array
+    of names, an object ``{"tables": [...], "columns": [...], "keys": {column: [values]}}``, or a
+    bare name."""
     try:
         names = json.loads(payload)
     except ValueError:
-        return ([payload] if payload else []), None
+        return ([payload] if payload else []), None, None
     if isinstance(names, dict):
-        tables, columns = names.get("tables"), names.get("columns")
-        if isinstance(tables, list) and isinstance(columns, list) and columns:
-            return [str(name) for name in tables], frozenset(str(column) for column in columns)
-        return ([str(name) for name in tables] if isinstance(tables, list) else []), None
+        tables, columns, keys = names.get("tables"), names.get("columns"), names.get("keys")
+        found = [str(name) for name in tables] if isinstance(tables, list) else []
+        changed = None
+        if isinstance(columns, list) and columns:
+            changed = frozenset(str(column) for column in columns)
+        rows: dict[str, frozenset[int]] | None = None
+        if isinstance(keys, dict) and found:
+            rows = {}
+            for column, values in keys.items():
+                if values is None:
+                    values = []  # json_agg over no rows: the write changed no row
+                if not isinstance(values, list) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) or v is None for v in values):
+                    rows = None
+                    break
+                rows[str(column)] = frozenset(v for v in values if v is not None)
+        return found, changed, rows
     if isinstance(names, list):
-        return [str(name) for name in names], None
-    return ([str(names)] if names is not None else []), None
+        return [str(name) for name in names], None, None
+    return ([str(names)] if names is not None else []), None, None
 
 
 def _add_linked(keys: set[str], links: dict[str, frozenset[str]]) -> None:
@@ -403,6 +517,20 @@ class ListenLoop:
             delay = min(delay * 2, 10.0)
 
 
+FENCE_TIMEOUT_S = 5.0
+
+
+class Watch:
+    """The tables notified by one server backend (``pid``) while a transaction of a session
+    writes through it, up to the fence after its commit (``InvalidationMonitor.watch``)."""
+
+    __slots__ = ("pid", "tables")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tables: set[str] = set()  # match keys, with their relatives
+
+
 class InvalidationMonitor(ListenLoop):
     """The LISTEN connection of one database, and its catalog facts."""
 
@@ -420,6 +548,7 @@ class InvalidationMonitor(ListenLoop):
         # Tables whose UPDATEs are notified per column and change only what they set (see
         # _TRACKED_SQL): their UPDATEs evict only results that read a column set.
         self.column_safe: frozenset[str] = frozenset()
+        self.keyed: frozenset[str] = frozenset()  # tables whose writes notify the rows they change
         self.user_functions: frozenset[str] = frozenset()  # lowercased names, any volatility
         self.writer_functions: frozenset[str] = frozenset()  # lowercased names
         self.views: frozenset[str] = frozenset()  # match keys of views
@@ -436,6 +565,17 @@ class InvalidationMonitor(ListenLoop):
         self._refresh = asyncio.Event()
         self._lost = asyncio.Event()
         self._conn: Any = None
+        # Writes through the proxy, fenced (see ``commit_fenced``)
+        self.row_invalidation = True  # else notifications' row keys are ignored
+        self.fences = 0
+        self.fence_fallbacks = 0  # committed writes some table of which no trigger notified
+        self._watches: dict[int, list[Watch]] = {}
+        self._fenced: list[tuple[WriteMarks, Watch]] = []
+        self._fence_wanted = asyncio.Event()
+        self._fence_waiter: asyncio.Future[None] | None = None
+        self._fence_payload = ""
+        self._fence_prefix = secrets.token_hex(6) + "-"
+        self._fence_number = 0
 
     def refresh_soon(self) -> None:
         self._refresh.set()
@@ -444,6 +584,8 @@ class InvalidationMonitor(ListenLoop):
         await self._cancel()
         await self._close()
         self.ready = False
+        batch, self._fenced = self._fenced, []
+        self._release(batch, False)
 
     # ------------------------------------------------------------------ internals
 
@@ -457,6 +599,7 @@ class InvalidationMonitor(ListenLoop):
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._notified)
         await conn.add_listener(DDL_CHANNEL, self._ddl_notified)
+        await conn.add_listener(FENCE_CHANNEL, self._fence_arrived)
         await self._load_catalog()
         self.connects += 1
         self.ready = True
@@ -468,13 +611,21 @@ class InvalidationMonitor(ListenLoop):
         while True:
             lost = loop.create_task(self._lost.wait())
             refresh = loop.create_task(self._refresh.wait())
+            fence = loop.create_task(self._fence_wanted.wait())
             try:
-                await asyncio.wait({lost, refresh}, timeout=self.refresh_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({lost, refresh, fence}, timeout=self.refresh_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 lost.cancel()
                 refresh.cancel()
+                fence.cancel()
             if self._lost.is_set() or self._conn is None or self._conn.is_closed():
                 raise ConnectionError("LISTEN connection lost")
+            if self._fence_wanted.is_set():
+                self._fence_wanted.clear()
+                await self._fence()
+                if not self._refresh.is_set():
+                    continue
             self._refresh.clear()
             await self._load_catalog()
 
@@ -486,9 +637,10 @@ class InvalidationMonitor(ListenLoop):
         after = await conn.fetch(_AFTER_TRIGGERS_SQL)
         edges = await conn.fetch(_CASCADES_SQL)
         family = [(table_match_key(r[0]), table_match_key(r[1])) for r in await conn.fetch(_INHERITS_SQL)]
-        new_tracked = frozenset(table_match_key(r[0]) for r in tracked if r[1] or r[2])
+        new_tracked = frozenset(table_match_key(r[0]) for r in tracked if (r[4] and (r[1] or r[2])) or r[5])
         unsafe = {table_match_key(r[0]) for r in tracked if r[1] or not r[2] or r[3]}
-        new_safe = frozenset(table_match_key(r[0]) for r in tracked) - unsafe
+        new_safe = new_tracked - unsafe
+        self.keyed = frozenset(table_match_key(r[0]) for r in tracked if r[5])
         new_user_functions = frozenset(r[0].lower() for r in functions)
         new_writers = frozenset(r[0].lower() for r in functions if r[1])
         new_views = frozenset(table_match_key(r[0]) for r in views)
@@ -513,12 +665,95 @@ class InvalidationMonitor(ListenLoop):
         self.cascades = new_cascades
         self.relatives = new_relatives
 
-    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    # ------------------------------------------------------------------ writes through the proxy
+    def watch(self, pid: int) -> Watch:
+        """A session's transaction starts writing through server backend ``pid``: collect the
+        tables that backend's triggers notify from now on, until ``commit_fenced``'s fence or
+        ``unwatch``."""
+        found = Watch(pid)
+        self._watches.setdefault(pid, []).append(found)
+        return found
+
+    def unwatch(self, watch: Watch) -> None:
+        watches = self._watches.get(watch.pid)
+        if watches is not None:
+            try:
+                watches.remove(watch)
+            except ValueError:
+                pass
+            if not watches:
+                del self._watches[watch.pid]
+
+    def commit_fenced(self, marks: WriteMarks, watch: Watch) -> bool:
+        """The transaction that marked ``marks`` committed through ``watch``'s backend: keep the
+        marks (what it wrote is neither served nor stored) until a fence shows every notification
+        of that commit has arrived, then release them; the tables no trigger notified are
+        invalidated then as a write through the proxy always was (per table or column). False
+        (the caller invalidates now) when not listening.
+
+        The fence is a NOTIFY sent on this LISTEN connection after the commit was seen: the
+        notification queue is in commit order, so when the fence comes back every notification
+        of transactions committed before it has been handled. The triggers' notifications name
+        the rows a write changed, which the proxy cannot know: cached reads of other rows stay."""
+        if not self.ready or self._conn is None:
+            return False
+        self._fenced.append((marks, watch))
+        self._fence_wanted.set()
+        return True
+
+    async def _fence(self) -> None:
+        batch, self._fenced = self._fenced, []
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        self._fence_number += 1
+        payload = self._fence_payload = f"{self._fence_prefix}{self._fence_number}"
+        waiter = self._fence_waiter = loop.create_future()
+        arrived = False
+        try:
+            await self._conn.execute(f"NOTIFY {FENCE_CHANNEL}, {quote_literal(payload)}")
+            lost = loop.create_task(self._lost.wait())
+            try:
+                await asyncio.wait({waiter, lost}, timeout=FENCE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+            arrived = waiter.done()
+        finally:
+            self._fence_waiter = None
+            self.fences += 1
+            self._release(batch, arrived)
+
+    def _release(self, batch: list[tuple[WriteMarks, Watch]], arrived: bool) -> None:
+        for marks, watch in batch:
+            self.unwatch(watch)
+            notified = watch.tables if arrived else ()
+            if any(key not in notified for key in marks.tables):
+                self.fence_fallbacks += 1
+            self.cache.end_write(marks, True, notified)
+
+    def _fence_arrived(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        waiter = self._fence_waiter
+        if waiter is not None and payload == self._fence_payload and not waiter.done():
+            waiter.set_result(None)
+
+    def _notified(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
-        tables, columns = parse_payload(payload)
+        tables, columns, keys = parse_payload(payload)
         if tables:
             tables = self.with_relatives(tables)
-            self.cache.invalidate(tables, "notify", self.columns_of(tables, columns))
+            watches = self._watches.get(pid)
+            if watches:
+                matched = {table_match_key(table) for table in tables}
+                for watch in watches:
+                    watch.tables |= matched
+            self.cache.invalidate(tables, "proxy" if watches else "notify", self.columns_of(tables, columns),
+                                  self.keys_of(tables, keys))
+
+    def keys_of(self, tables: Any, keys: dict[str, frozenset[int]] | None) -> dict[str, dict[str, frozenset[int]]] | None:
+        """The invalidation's row keys for a write to ``tables`` whose rows held ``keys``."""
+        if keys is None or not self.row_invalidation:
+            return None
+        return {table_match_key(table): keys for table in tables}
 
     def with_relatives(self, tables: list[str]) -> list[str]:
         """``tables`` and their partitions, inheritance children and parents."""
@@ -540,7 +775,7 @@ class InvalidationMonitor(ListenLoop):
     def _ddl_notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         """DDL straight on the server: evict its tables, and re-read the catalog facts."""
         self.notifications += 1
-        tables, _ = parse_payload(payload)
+        tables, _, _ = parse_payload(payload)
         if tables:
             self.cache.invalidate(self.with_relatives(tables), "notify")
         self.refresh_soon()
@@ -557,6 +792,8 @@ class InvalidationMonitor(ListenLoop):
         if self.ready:
             self.drops += 1
         self.ready = False
+        batch, self._fenced = self._fenced, []
+        self._release(batch, False)
         # Writes may go unseen from now on: nothing cached may be served any more.
         self.cache.flush("flush")
 
