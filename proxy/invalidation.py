@@ -689,14 +689,18 @@ class InvalidationMonitor(ListenLoop):
         marks (what it wrote is neither served nor stored) until a fence shows every notification
         of that commit has arrived, then release them; the tables no trigger notified are
         invalidated then as a write through the proxy always was (per table or column). False
-        (the caller invalidates now) when not listening.
+        (the caller invalidates now) when not listening, or when a table written is not ``keyed``
+        (its notification would name no rows: evicting at once is as precise).
 
         The fence is a NOTIFY sent on this LISTEN connection after the commit was seen: the
         notification queue is in commit order, so when the fence comes back every notification
         of transactions committed before it has been handled. The triggers' notifications name
         the rows a write changed, which the proxy cannot know: cached reads of other rows stay."""
-        if not self.ready or self._conn is None:
+        if not self.ready or self._conn is None or not self.row_invalidation:
             return False
+        keyed = self.keyed
+        if not all(key in keyed for key in marks.tables):
+            return False  # a notification would name no rows: evicting now is as precise
         self._fenced.append((marks, watch))
         self._fence_wanted.set()
         return True

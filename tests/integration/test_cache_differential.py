@@ -44,8 +44,11 @@ stands in for the cache the monitor invalidates and queues them), and after each
 direct connection sends a sentinel notification; PostgreSQL delivers notifications in commit
 order, so once the sentinel is held every notification of the write is held too. Then they are all
 released into the cache, and only then does the next step run: reads are always checked strictly.
-Holding them also means that a write through the proxy is never rescued by its own trigger: a read
-after it is right only if the proxy evicted at commit (path 1), "immediately" as the issue asks.
+Only the notifications of writes that bypass the proxy are held. A write through the proxy is
+path 1: its cached reads are neither served nor stored from its first statement until the fence
+after its commit (``InvalidationMonitor.commit_fenced``), and its own trigger's notification,
+which names the rows it changed, does the eviction before that fence comes back; so a read right
+after it must already be right, "immediately" as the issue asks.
 The wait for the sentinel has a deadline only so that a lost notification fails instead of hanging;
 nothing asserts how fast anything is.
 
@@ -267,21 +270,25 @@ class HeldNotifications:
 
     def __init__(self, cache: Any) -> None:
         self._cache = cache
-        self.held: list[tuple[list[str], str, Any]] = []
+        self.held: list[tuple[list[str], str, Any, Any]] = []
         self.sentinels: set[str] = set()
         self.released = 0
 
-    def invalidate(self, tables: Any, source: str, columns: Any = None) -> int:
+    def invalidate(self, tables: Any, source: str, columns: Any = None, keys: Any = None) -> int:
         names = list(tables)
         if len(names) == 1 and names[0].startswith(SENTINEL):
             self.sentinels.add(names[0])
+        elif source == "proxy":
+            # A notification of a write through the proxy (its server backend is watched): part
+            # of path 1, fenced (InvalidationMonitor.commit_fenced), never held.
+            return int(self._cache.invalidate(names, source, columns, keys))
         else:
-            self.held.append((names, source, columns))
+            self.held.append((names, source, columns, keys))
         return 0
 
     def release(self) -> int:
-        for names, source, columns in self.held:
-            self._cache.invalidate(names, source, columns)
+        for names, source, columns, keys in self.held:
+            self._cache.invalidate(names, source, columns, keys)
         self.released += len(self.held)
         self.held.clear()
         return self.released

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import json
 import subprocess
 import sys
 import time
@@ -164,8 +165,8 @@ def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any
         with conn.transaction(force_rollback=True):
             conn.execute("INSERT INTO s.a VALUES (1)")
         conn.execute("INSERT INTO s.a VALUES (2)")
-        notes = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
-        assert notes == ['["a"]']
+        notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+        assert notes == [{"tables": ["a"], "columns": None, "keys": {"id": [2]}}]
 
         unknown = _cache_cli("install-triggers", "s.nope", dsn=dsn)
         assert unknown.returncode == 1 and "does not exist" in unknown.stderr
@@ -187,7 +188,8 @@ def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any
         assert removed.returncode == 0, removed.stderr
         assert _triggered_tables(conn) == set()
         assert conn.execute(column_triggers).fetchone() == (0,)
-        assert conn.execute("SELECT to_regproc('public.pgsidecar_cache_notify')").fetchone() == (None,)
+        for function in ("pgsidecar_cache_notify", "pgsidecar_cache_mark_column", "pgsidecar_cache_notify_rows"):
+            assert conn.execute(f"SELECT to_regproc('public.{function}')").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM pg_event_trigger").fetchone() == (0,)
     finally:
         conn.close()

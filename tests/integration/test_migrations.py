@@ -167,12 +167,19 @@ def test_views_refresh_concurrently_and_cache_trigger_notifies(fresh_db: Any) ->
 
     listener = connect()
     listener.execute("LISTEN pgsidecar_cache")
-    conn.execute("UPDATE jobs SET title = title WHERE id = 1")  # a column trigger: names the column
+    company = conn.execute("SELECT company_id FROM jobs WHERE id = 1").fetchone()[0]
+    # The column trigger marks the column, the rows trigger names it and the rows' integer keys.
+    conn.execute("UPDATE jobs SET title = title WHERE id = 1")
     notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
-    assert notes == [{"tables": ["jobs"], "columns": ["title"]}]
-    conn.execute("DELETE FROM jobs WHERE id = -1")  # the table trigger (statement-level: fires for 0 rows)
+    assert len(notes) == 1 and notes[0]["tables"] == ["jobs"] and notes[0]["columns"] == ["title"]
+    assert notes[0]["keys"]["id"] == [1] and notes[0]["keys"]["company_id"] == [company]
+    conn.execute("DELETE FROM jobs WHERE id = -1")  # statement-level: fires for 0 rows, names none
     notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
-    assert notes == [["jobs"]]
+    assert len(notes) == 1 and notes[0]["tables"] == ["jobs"] and notes[0]["columns"] is None
+    assert notes[0]["keys"]["id"] is None
+    conn.execute("TRUNCATE predictions")  # the table trigger: the name alone
+    notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert notes == [["predictions"]]
 
 
 def test_two_runners_at_once_apply_each_revision_once(fresh_db: Any) -> None:
