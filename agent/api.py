@@ -44,7 +44,7 @@ from proxy.explain import Plan
 from proxy.stats import LATENCY_BUCKETS, TOP_ORDERS, FingerprintSnapshot, QueryStats, SlowQuery, pretty_sql
 
 from . import keys
-from .metrics import CACHE_EVICTION_REASONS, cache_counts, cache_hit_ratio
+from .metrics import CACHE_EVICTION_REASONS, CACHE_SPARED_BY, cache_counts, cache_hit_ratio
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ class CacheApi:
             "bypasses": bypasses, "stores": cache.stores, "rejected": cache_counts(cache.rejected),
             "evictions": cache_counts(cache.evictions, CACHE_EVICTION_REASONS),
             "invalidations": cache_counts(cache.invalidations, INVALIDATION_SOURCES),
+            "spared": cache_counts(cache.spared, CACHE_SPARED_BY),
             "entries": cache.entries, "bytes": cache.bytes, "max_bytes": cache.max_bytes,
             "max_result_bytes": cache.max_result_bytes,
             "databases": [_monitor_doc(m) for m in sorted(snap.monitors, key=lambda m: m.database)],

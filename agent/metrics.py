@@ -45,7 +45,8 @@ The catalogue (counters end in ``_total``; ``pool`` is "database/user"):
   ``pgsidecar_cache_rejected_total{reason}`` (too_large, stale, paused, no_ttl, expired,
   not_a_result, pipelined), ``pgsidecar_cache_evictions_total{reason}`` (lru, ttl, invalidation,
   flush: all four always present), ``pgsidecar_cache_invalidations_total{source}`` (proxy, notify,
-  ttl, flush: all four always present); per database with a LISTEN connection
+  ttl, flush: all four always present), ``pgsidecar_cache_spared_total{by}`` (columns, rows: results an
+  invalidation of their table left, both always present); per database with a LISTEN connection
   ``pgsidecar_cache_listen_up{database}`` (1 while listening: results are served and stored),
   ``pgsidecar_cache_notifications_total{database}``, ``pgsidecar_cache_listen_drops_total{database}``,
   ``pgsidecar_cache_tracked_tables{database}`` (tables carrying the invalidation trigger)
@@ -110,6 +111,7 @@ LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Cache eviction reasons always exposed (0 until they happen), so rate() has a series from the start.
 CACHE_EVICTION_REASONS = ("lru", "ttl", "invalidation", "flush")
+CACHE_SPARED_BY = ("columns", "rows")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -328,6 +330,13 @@ class CacheCollector:
         for source, count in cache_counts(cache.invalidations, INVALIDATION_SOURCES).items():
             invalidations.add_metric([source], count)
         yield invalidations
+        spared = CounterMetricFamily(
+            "pgsidecar_cache_spared",
+            "Results an invalidation of their table left in the cache, by why: columns (the write set "
+            "none of the columns they read), rows (it changed none of the rows they read).", labels=["by"])
+        for by, count in cache_counts(cache.spared, CACHE_SPARED_BY).items():
+            spared.add_metric([by], count)
+        yield spared
 
         labels = ["database"]
         up = GaugeMetricFamily("pgsidecar_cache_listen_up",

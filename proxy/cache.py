@@ -309,6 +309,7 @@ class CacheSnapshot:
     invalidations: dict[str, int] = field(default_factory=dict)  # by source
     bypasses: dict[str, int] = field(default_factory=dict)  # by decide() reason, and "paused"
     paused: bool = False
+    spared: dict[str, int] = field(default_factory=dict)  # entries invalidations left: columns, rows
 
 
 class _Entry:
@@ -338,22 +339,22 @@ ChangedKeys = Mapping[str, frozenset[int]]
 
 def _unaffected(match_key: str, read_columns: Mapping[str, frozenset[str]] | None,
                 read_keys: Mapping[str, RowKey] | None, changed: frozenset[str] | None,
-                changed_keys: ChangedKeys | None) -> bool:
+                changed_keys: ChangedKeys | None) -> str:
     """A write to table ``match_key`` that changed ``changed`` columns (None: any) of the rows
     whose key columns held ``changed_keys`` (None: any rows) cannot change a result that reads
-    ``read_columns`` and ``read_keys``: it changed no column the result reads, or only rows
-    outside the ones the result reads."""
+    ``read_columns`` and ``read_keys``: "columns" when it changed no column the result reads,
+    "rows" when it changed only rows outside the ones the result reads, "" when it may have."""
     if changed is not None and read_columns is not None:
         needed = read_columns.get(match_key)
         if needed is not None and needed.isdisjoint(changed):
-            return True
+            return "columns"
     if changed_keys is not None and read_keys is not None:
         key = read_keys.get(match_key)
         if key is not None:
             values = changed_keys.get(key[0])
             if values is not None and values.isdisjoint(key[1]):
-                return True
-    return False
+                return "rows"
+    return ""
 
 
 CachedResult = _Entry  # what a hit gives the session: read ``response`` and ``fingerprint`` only
@@ -384,7 +385,7 @@ class ResultCache:
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
                  "_writing", "_writing_all", "_writing_unknown", "_writing_columns", "_column_invalidated_at",
                  "_any_invalidated_at", "_keyed_log", "_keyed_forgotten",
-                 "_evictions", "_rejected", "_invalidations", "_bypasses")
+                 "_evictions", "_rejected", "_invalidations", "_bypasses", "_spared")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
                  clock: Callable[[], float] = time.monotonic, *, max_tracked_tables: int = 100_000) -> None:
@@ -424,6 +425,7 @@ class ResultCache:
         self._rejected: dict[str, int] = {}
         self._invalidations: dict[str, int] = {}
         self._bypasses: dict[str, int] = {}
+        self._spared: dict[str, int] = {}  # entries an invalidation of their table left, by why
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -688,8 +690,10 @@ class ResultCache:
                 for key in list(found):
                     if changed is not None or changed_keys is not None:
                         entry = entries[key]
-                        if _unaffected(match_key, entry.columns, entry.keys, changed, changed_keys):
-                            continue  # the write changed nothing this result depends on
+                        spared = _unaffected(match_key, entry.columns, entry.keys, changed, changed_keys)
+                        if spared:  # the write changed nothing this result depends on
+                            self._spared[spared] = self._spared.get(spared, 0) + 1
+                            continue
                     self._remove(key, "invalidation")
                     removed += 1
         if len(self._any_invalidated_at) > self.max_tracked_tables:
@@ -739,6 +743,7 @@ class ResultCache:
             max_result_bytes=self.max_result_bytes, hits=self.hits, misses=self.misses, stores=self.stores,
             evictions=dict(self._evictions), rejected=dict(self._rejected),
             invalidations=dict(self._invalidations), bypasses=dict(self._bypasses), paused=self._paused,
+            spared=dict(self._spared),
         )
 
     def top(self, limit: int = 20) -> list[CacheEntrySnapshot]:

@@ -791,6 +791,94 @@ def test_column_level_invalidation_falls_back_to_the_table(proxy_factory: Any, s
             expected_v += "+" if how == "before_trigger" else ""
 
 
+# ============================================================================= row-level invalidation
+
+
+def test_a_write_evicts_only_the_results_that_read_rows_it_changed(proxy_factory: Any, server: Server) -> None:
+    """The triggers name, per integer column, the values in the rows a write changed (before and
+    after); a SELECT whose WHERE pins an integer column keeps its entry when those are other
+    values. Proven by hidden changes (no NOTIFY) that a kept entry does not show."""
+    proxy = proxy_factory(cache__mode="all")
+    t = server.table([(1, 1, "a"), (2, 1, "b"), (3, 2, "c")], columns="id int primary key, grp int, v text")
+    by_id = f"select v from {t} where id = 1"
+    by_group = f"select string_agg(v, ',' order by id) from {t} where grp = 1"
+    by_list = f"select string_agg(v, ',' order by id) from {t} t1 where t1.id in (2, 3)"
+    everything = f"select count(*) from {t}"
+    with _ready_client(proxy) as conn:
+        wait_until(lambda: proxy.run(lambda: table_match_key(t) in _monitor(proxy).keyed))
+
+        def param(value: int, binary: bool = False) -> Any:  # the extended protocol, $1 = value
+            mark = "%b" if binary else "%s"
+            return conn.execute(f"select v from {t} where id = {mark}", (value,), prepare=False).fetchone()[0]
+
+        def reads() -> tuple[Any, ...]:
+            return (one(conn, by_id), one(conn, by_group), one(conn, by_list), one(conn, everything),
+                    param(3), param(3, binary=True))
+
+        assert reads() == ("a", "a,b", "b,c", 3, "c", "c")
+        before = counters(proxy)
+        assert reads() == ("a", "a,b", "b,c", 3, "c", "c")
+        assert _delta(before, counters(proxy)) == {"hits": 6}
+
+        # Through the proxy: row 2 changes; the reads of row 1 and of row 3 stay (the hidden change
+        # of row 1 does not show), those of group 1 and of rows 2-3 go. (The count reads no column
+        # an UPDATE sets: it stays too, by column.)
+        server.hidden(f"update {t} set v = 'a-hidden' where id = 1")
+        _notified(proxy, lambda: conn.execute(f"update {t} set v = 'b1' where id = 2"))
+        before = counters(proxy)
+        assert reads() == ("a", "a-hidden,b1", "b1,c", 3, "c", "c")
+        delta = _delta(before, counters(proxy))
+        assert delta["hits"] == 4 and delta["misses"] == 2 and delta["stores"] == 2, delta
+        assert delta.get("invalidations.notify", 0) == 0, delta  # its own notification counts as proxy
+
+        # Behind the proxy's back: row 3 moves from group 2 to group 1 (the new value counts).
+        _notified(proxy, lambda: server.write(f"update {t} set grp = 1 where id = 3"))
+        assert reads() == ("a", "a-hidden,b1,c", "b1,c", 3, "c", "c")
+        # A new row of group 1; a row of no read's key (id 9, group 5) leaves all but the count.
+        _notified(proxy, lambda: server.write(f"insert into {t} values (9, 5, 'z')"))
+        before = counters(proxy)
+        assert reads() == ("a", "a-hidden,b1,c", "b1,c", 4, "c", "c")
+        assert _delta(before, counters(proxy))["hits"] == 5
+        # Deleting row 1 evicts its read at last: the hidden change shows.
+        _notified(proxy, lambda: server.write(f"update {t} set v = v || '!' where id = 1"))
+        assert one(conn, by_id) == "a-hidden!"
+        spared = counters(proxy).spared
+        assert spared.get("rows", 0) >= 8, spared
+
+
+def test_a_write_of_many_rows_evicts_per_table(proxy_factory: Any, server: Server) -> None:
+    """Past 100 changed rows the triggers name no rows: every read of the table is evicted."""
+    proxy = proxy_factory(cache__mode="all")
+    t = server.table([(i, i % 7, "x") for i in range(1, 202)], columns="id int primary key, grp int, v text")
+    read = f"select v from {t} where id = 1"
+    with _ready_client(proxy) as conn:
+        wait_until(lambda: proxy.run(lambda: table_match_key(t) in _monitor(proxy).keyed))
+        assert one(conn, read) == "x" and one(conn, read) == "x"
+        server.hidden(f"update {t} set v = 'hidden' where id = 1")
+        _notified(proxy, lambda: server.write(f"update {t} set v = 'y' where id > 1"))  # 200 rows, not row 1
+        assert one(conn, read) == "hidden"
+
+
+def test_reads_the_rows_of_which_cannot_be_pinned_keep_table_level_invalidation(
+        proxy_factory: Any, server: Server) -> None:
+    """OR, a table named twice, a key compared with a non-integer: no keys, evicted by any write."""
+    proxy = proxy_factory(cache__mode="all")
+    t = server.table([(1, 1, "a"), (2, 1, "b")], columns="id int primary key, grp int, v text")
+    reads = (f"select v from {t} where id = 1 or grp = 7",
+             f"select v from {t} where id = 1 and exists (select 1 from {t} o where o.id = 2 and o.v = 'b')",
+             f"select v from {t} where id = 1.0",
+             f"select v from {t} where id::int8 = 1")
+    with _ready_client(proxy) as conn:
+        wait_until(lambda: proxy.run(lambda: table_match_key(t) in _monitor(proxy).keyed))
+        for sql in reads:
+            assert one(conn, sql) == "a" and one(conn, sql) == "a"
+        _notified(proxy, lambda: server.write(f"update {t} set v = 'b2' where id = 2"))
+        before = counters(proxy)
+        results = [conn.execute(sql, prepare=False).fetchall() for sql in reads]
+        assert results == [[("a",)], [], [("a",)], [("a",)]]
+        assert _delta(before, counters(proxy)) == {"misses": 4, "stores": 4}
+
+
 def test_uncacheable_selects_bypass_with_their_reason(proxy_factory: Any, server: Server) -> None:
     proxy = proxy_factory(cache__mode="all")
     t = server.table([(1, "old")])

@@ -6,10 +6,14 @@ of the map depends on all its columns.
 """
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from proxy.cache import ReadToken, ResultCache
-from proxy.columns import read_columns, update_columns
+from proxy.caching import Bind
+from proxy.invalidation import parse_payload
+from proxy.columns import read_columns, read_keys, update_columns
 
 
 def cols(*names: str) -> frozenset[str]:
@@ -160,3 +164,152 @@ def test_a_read_racing_an_update_is_refused_only_if_it_read_a_column_set() -> No
     assert not cache.put(b"titles2", b"t", ["jobs", "companies"], 60, token,
                          {"jobs": cols("title"), "companies": cols("name")})
     assert cache.snapshot().rejected == {"stale": 3}
+
+
+# ------------------------------------------------------------------ row keys
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("select v from t where id = 5", {"t": ("id", (5,))}),
+    ("select v from t where 5 = id", {"t": ("id", (5,))}),
+    ("select v from t where id = 0", {"t": ("id", (0,))}),  # protobuf JSON drops a 0: still 0
+    ("select v from t where id = -3", {"t": ("id", (-3,))}),
+    ("select v from t where id = '7'", {"t": ("id", (7,))}),  # an untyped literal holding an integer
+    ("select v from t where id = $2", {"t": ("id", ("$2",))}),
+    ("select v from t where id in (1, 2, $1)", {"t": ("id", (1, 2, "$1"))}),
+    ("select v from public.t x where x.k = 1 and x.v > 'a'", {"t": ("k", (1,))}),
+    ("select m.a, j.b from matches m join jobs j on j.id = m.job_id left join c on c.id = j.c_id "
+     "where m.resume_id = 17 and j.id = 4 order by 1 limit 10",
+     {"matches": ("resume_id", (17,)), "jobs": ("id", (4,))}),
+    ("select count(*) from t where k = 2 and id = 3", {"t": ("k", (2,))}),  # the first conjunct
+    ("with x as (select 1) select v from t, x where t.id = 1", {"t": ("id", (1,))}),
+])
+def test_read_keys(sql: str, expected: dict[str, tuple[str, tuple[object, ...]]]) -> None:
+    assert read_keys(sql) == expected
+
+
+@pytest.mark.parametrize("sql", [
+    "select v from t",
+    "select v from t where id = 1 or id = 2",  # not a conjunct
+    "select v from t where not id = 1",
+    "select v from t where id = 1.5",  # not an integer
+    "select v from t where id = 'x'",
+    "select v from t where id = '1_000'",  # PostgreSQL 16 reads it, Python too: neither trusted
+    "select v from t where id::int8 = 1",  # a cast
+    "select v from t where id + 0 = 1",
+    "select v from t where id = any($1)",
+    "select v from t where id < 3",
+    "select v from t where id operator(pg_catalog.=) 1",
+    "select v from t where id = 1 and exists (select 1 from t o where o.id = 2)",  # t named twice
+    "select v from t join u on u.t_id = t.id where id = 1",  # unqualified beside a join
+    "select v from t, lateral (select 1) s where id = 1",  # unqualified beside a function
+    "select v from (select * from t) s where s.id = 1",  # a subquery's alias
+    "select v from t where t.ctid = '(0,1)'",
+    "select 1 from t where id = 1 union select 2",  # a set operation
+    "select v from t as a(x, y) where a.x = 1",  # column aliases
+    "with t as (select 1 as id) select * from t where id = 1",  # a CTE, not the table
+    "select v from t where id = 1; select 2",
+    "update t set v = 1 where id = 1",
+    "not sql",
+])
+def test_no_read_keys(sql: str) -> None:
+    assert read_keys(sql) == {}
+
+
+def keys(**values: tuple[int, ...]) -> dict[str, frozenset[int]]:
+    return {column: frozenset(found) for column, found in values.items()}
+
+
+def test_invalidation_keeps_entries_that_read_other_rows() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+
+    def store(key: bytes, row_keys: dict[str, tuple[str, frozenset[int]]] | None,
+              columns: dict[str, frozenset[str]] | None = None) -> None:
+        token = ReadToken(cache._sequence, 0.0, ("jobs",))  # noqa: SLF001
+        assert cache.put(key, b"r", ("jobs",), 60, token, columns, None, row_keys)
+
+    store(b"job1", {"jobs": ("id", frozenset({1}))})
+    store(b"job2", {"jobs": ("id", frozenset({2}))})
+    store(b"company7", {"jobs": ("company_id", frozenset({7}))})
+    store(b"every", None)
+    store(b"job3-title", {"jobs": ("id", frozenset({3}))}, {"jobs": cols("title")})
+    # UPDATE jobs SET salary = .. WHERE id = 2 (its company is 7): job2, company7, every go.
+    removed = cache.invalidate(["jobs"], "notify", {"jobs": cols("salary")},
+                               {"jobs": keys(id=(2,), company_id=(7,))})
+    assert removed == 3
+    assert {k for k in (b"job1", b"job2", b"company7", b"every", b"job3-title") if cache.peek(k)} == {
+        b"job1", b"job3-title"}
+    assert cache.snapshot().spared == {"rows": 1, "columns": 1}
+    # Keys for a column the entry does not pin say nothing about its rows.
+    assert cache.invalidate(["jobs"], "notify", None, {"jobs": keys(company_id=(1,))}) == 2
+    # A write of no rows (json_agg over none: an empty set) changes nothing keyed.
+    store(b"job1", {"jobs": ("id", frozenset({1}))})
+    assert cache.invalidate(["jobs"], "notify", None, {"jobs": keys(id=())}) == 0
+    assert cache.peek(b"job1") is not None
+    # Without keys, per table.
+    assert cache.invalidate(["jobs"], "notify") == 1
+
+
+def test_a_read_racing_a_keyed_write_is_refused_only_if_it_read_a_row_changed() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+    token = cache.begin_read(["jobs"])
+    cache.invalidate(["jobs"], "notify", None, {"jobs": keys(id=(2,))})
+    assert cache.put(b"job1", b"1", ["jobs"], 60, token, None, None, {"jobs": ("id", frozenset({1}))})
+    assert not cache.put(b"job2", b"2", ["jobs"], 60, token, None, None, {"jobs": ("id", frozenset({2}))})
+    assert not cache.put(b"every", b"e", ["jobs"], 60, token)
+    assert not cache.put(b"other", b"o", ["jobs"], 60, token, None, None, {"jobs": ("grp", frozenset({1}))})
+    # A read that began after the write is stored, whatever it reads.
+    later = cache.begin_read(["jobs"])
+    assert cache.put(b"every", b"e", ["jobs"], 60, later)
+    assert cache.snapshot().rejected == {"stale": 3}
+
+
+def test_a_read_older_than_the_keyed_invalidations_remembered_is_stale() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+    token = cache.begin_read(["jobs"])
+    for value in range(5000):  # more than the log keeps, none of them row 1
+        cache.invalidate(["jobs"], "notify", None, {"jobs": keys(id=(value + 10,))})
+    assert not cache.put(b"job1", b"1", ["jobs"], 60, token, None, None, {"jobs": ("id", frozenset({1}))})
+    recent = ReadToken(cache._sequence - 10, 0.0, ("jobs",))  # noqa: SLF001 - within the log
+    assert cache.put(b"job1", b"1", ["jobs"], 60, recent, None, None, {"jobs": ("id", frozenset({1}))})
+
+
+def _bind(params: list[bytes | None], formats: list[int]) -> bytes:
+    """A Bind message (portal "", statement "s") with ``params`` in ``formats``."""
+    body = b"\x00s\x00" + struct.pack("!h", len(formats)) + b"".join(struct.pack("!h", f) for f in formats)
+    body += struct.pack("!h", len(params))
+    for value in params:
+        body += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+    body += b"\x00\x00"
+    return b"B" + struct.pack("!i", len(body) + 4) + body
+
+
+def _parse_rest(types: list[int]) -> bytes:
+    return b"select $1\x00" + struct.pack("!h", len(types)) + b"".join(struct.pack("!i", t) for t in types)
+
+
+@pytest.mark.parametrize(("params", "formats", "types", "expected"), [
+    ([b"42", b"x"], [], None, [42, None]),  # no format codes: all text
+    ([b" -7 ", b"1.5"], [0], None, [-7, None]),
+    ([struct.pack("!i", -5), struct.pack("!q", 2**40)], [1], [], [-5, 2**40]),  # unspecified: by length
+    ([struct.pack("!i", 9), struct.pack("!d", 1.0)], [1, 1], [23, 701], [9, None]),  # float8 declared
+    ([struct.pack("!h", 3), b"abcd"], [1, 0], [21, 25], [3, None]),
+    ([struct.pack("!i", 9)], [1], None, [None]),  # binary, types unknown: not trusted
+    ([None, struct.pack("!i", 1)], [1], [0, 20], [None, None]),  # NULL; an int4 sent for an int8
+])
+def test_bind_integer(params: list[bytes | None], formats: list[int], types: list[int] | None,
+                      expected: list[int | None]) -> None:
+    message = _bind(params, formats)
+    bind = Bind(message, 8, None if types is None else _parse_rest(types))  # 5 + "\0" + "s\0"
+    assert [bind.integer(n) for n in range(1, len(params) + 1)] == expected
+    assert bind.integer(0) is None and bind.integer(len(params) + 1) is None
+
+
+def test_notification_payloads() -> None:
+    assert parse_payload('["jobs", "jobs_parent"]') == (["jobs", "jobs_parent"], None, None)
+    assert parse_payload('{"tables": ["jobs"], "columns": ["title"]}') == (["jobs"], cols("title"), None)
+    payload = '{"tables" : ["jobs"], "columns" : null, "keys" : {"id" : [1, 2, null], "grp" : null}}'
+    assert parse_payload(payload) == (["jobs"], None, {"id": frozenset({1, 2}), "grp": frozenset()})
+    assert parse_payload('{"tables": ["jobs"], "keys": {"id": [1.5]}}') == (["jobs"], None, None)
+    assert parse_payload('{"tables": ["jobs"], "keys": {"id": [true]}}') == (["jobs"], None, None)
+    assert parse_payload("jobs") == (["jobs"], None, None)
