@@ -65,7 +65,9 @@ Store decisions (``ResultCache``):
   hands out the current number as a ``ReadToken``; ``put`` refuses ("stale") when any of its tables
   was invalidated after the token was taken, or when a flush, pause or resume happened after it.
   So a read that started before an invalidation of one of its tables finished is never stored; a
-  read that started after it is. The tables checked are those given to ``put`` (pass the same as to
+  read that started after it is. An invalidation that names the rows it changed (``keys``) is
+  kept in a log of the last 4,096 instead: ``put`` refuses only when one after the token changed
+  a row (or column) the result depends on, and a token older than the log is stale. The tables checked are those given to ``put`` (pass the same as to
   ``begin_read``). The per-table record is bounded by ``max_tracked_tables``: past it, the record
   is cleared and every outstanding token made stale (safe, merely forgets a few stores).
 - Table names match on their last dotted component, lowercased: ``jobs``, ``JOBS``,

@@ -41,6 +41,12 @@ Choices where the issue is silent:
   a user-defined function; an UPDATE of a column-safe table (``InvalidationMonitor.column_safe``)
   is classified with the columns it sets, and the session's transaction marks, evicts and refuses
   racing reads only for those columns.
+- Invalidation per row (``cache.row_invalidation``, default on): a Fill on a keyed table
+  (``InvalidationMonitor.keyed``) carries, per table, the integer column and values its WHERE pins
+  the rows to (``proxy.columns.read_keys``: literals from the text, ``$n`` from the Bind: a text
+  value holding an integer, or a binary int2/4/8); the triggers' notifications name the values in
+  the rows each write changed, and an entry of other rows stays. Writes through the proxy are
+  fenced (``InvalidationMonitor.commit_fenced``) so that their own notifications decide.
 - Sessions with state the key does not hold (pinned clients: temp tables, session SET, SET ROLE;
   in session mode any such statement) bypass the cache ("session_state").
 """

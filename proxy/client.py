@@ -102,6 +102,8 @@ _STATE_RE = re.compile(
     re.I | re.S,
 )
 _STATE_REASONS = ("listen", "temp_table", "prepare", "with_hold_cursor", "advisory_lock", "set_config", "load")
+# Triggers do not fire under it: a transaction that names it is never fenced (see _end_writes).
+_REPLICA_ROLE = re.compile(rb"session_replication_role", re.I)
 _DEALLOCATE_RE = re.compile(rb"\b(?:deallocate|discard\s+(?:all|plans))\b", re.I)
 _NO_STATE = (None, False)
 # Each alternative starts with a distinct byte, so the engine skips most positions by that byte.
@@ -234,6 +236,7 @@ class ClientSession(asyncio.Protocol):
         self._watch: Watch | None = None  # the notifications of the server backend it writes through
         self._flush = False  # the open transaction may have written anything
         self._ddl = False  # ... or changed triggers or functions
+        self._unfenced = False  # ... or named session_replication_role (see _end_writes)
         self._unnoted = False  # statements went unclassified while no read had ever been cached
         self._chained = False  # a COMMIT AND CHAIN committed writes that are not evicted yet
         self._looked_up = False  # the first buffered message was already looked up in the cache
@@ -1157,6 +1160,8 @@ class ClientSession(asyncio.Protocol):
         action, keys, ddl, columns = front.classify(sql, self._encoding, front.monitors.get(self.database))
         if ddl:
             self._ddl = True
+        if _REPLICA_ROLE.search(sql) is not None:
+            self._unfenced = True
         if action == READ:
             return
         if action == WRITE:
@@ -1191,8 +1196,11 @@ class ClientSession(asyncio.Protocol):
         watch, self._watch = self._watch, None
         monitor = front.monitors.get(self.database) if watch is not None else None
         if self._written:
-            if (committed and monitor is not None and not self._flush and not self._ddl
-                    and monitor.commit_fenced(self._written, watch)):  # type: ignore[arg-type]
+            # Fenced: the rows the triggers name decide what is evicted. Not after DDL (no trigger
+            # notifies it), nor in a session with state (SET session_replication_role = replica
+            # there would silence the triggers).
+            if (committed and monitor is not None and not self._flush and not self._ddl and not self._unfenced
+                    and not self._stateful and monitor.commit_fenced(self._written, watch)):  # type: ignore[arg-type]
                 self._written = WriteMarks()  # the monitor releases those marks after the fence
                 watch = None  # ... and ends the watch
             else:
@@ -1206,7 +1214,7 @@ class ClientSession(asyncio.Protocol):
             monitor = front.monitors.get(self.database)
             if monitor is not None:
                 monitor.refresh_soon()
-        self._ddl = self._chained = False
+        self._ddl = self._chained = self._unfenced = False
 
     def _commit(self, final: bool) -> None:
         """ReadyForQuery with no transaction open: what was written is committed; evict it.

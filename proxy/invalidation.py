@@ -3,18 +3,41 @@ the result cache needs (issue 4, invalidation paths 2 and 4).
 
 Owns the database side of the cache's correctness:
 
-- ``install_triggers`` puts statement-level triggers on each table: ``pgsidecar_cache_invalidate``
-  (AFTER INSERT OR DELETE OR TRUNCATE) and one ``pgsidecar_cache_col_<attnum>`` per column (AFTER
-  UPDATE OF that column). They call ``pgsidecar_cache_notify()``, which ``pg_notify``s the channel
-  ``pgsidecar_cache`` with a JSON array of the table's name and the names of its partition
-  ancestors (a write straight into a partition also invalidates results that read the partitioned
-  table), or, from a column trigger, ``{"tables": [...], "columns": [the column]}``: an UPDATE then
-  evicts only the results that read a column it set (``proxy.columns``). Tables set up before the
-  column triggers existed have one trigger that also fires on UPDATE and names only the table:
-  still tracked, evicted per table. A column added later has no trigger: the table is no longer
-  tracked (its results are not cached) until ``install-triggers`` runs again. NOTIFY is
-  transactional: a rolled-back write sends nothing, a committed one is delivered after its
-  commit, and PostgreSQL folds identical payloads of one transaction into one.
+- ``install_triggers`` puts statement-level triggers on each table:
+  - ``pgsidecar_cache_invalidate`` (AFTER TRUNCATE) calls ``pgsidecar_cache_notify()``, which
+    ``pg_notify``s the channel ``pgsidecar_cache`` with a JSON array of the table's name and the
+    names of its partition ancestors (a write straight into a partition also invalidates results
+    that read the partitioned table);
+  - ``pgsidecar_cache_rows_ins``/``_del``/``_upd`` (AFTER INSERT / DELETE / UPDATE, with transition
+    tables) call ``pgsidecar_cache_notify_rows()``, which notifies
+    ``{"tables": [...], "columns": [...] or null, "keys": {column: [values]} or null}``: per integer
+    column (int2/4/8, the first 20), its distinct values in the rows the statement changed (old and
+    new versions), when it changed at most ``MAX_KEYED_ROWS`` and the payload fits; an entry
+    whose read pins such a column to other values stays (``proxy.columns.read_keys``);
+  - one ``pgsidecar_cache_col_<attnum>`` per column (AFTER UPDATE OF that column) calls
+    ``pgsidecar_cache_mark_column(attnum)``, which notes the column in a transaction-local setting;
+    the UPDATE trigger, named to fire after them, reads and clears it and names those columns (only
+    when every live column has its trigger, checked as it fires: else null, every column): an
+    UPDATE then evicts only the results that read a column it set (``proxy.columns``).
+  Tables set up by older versions keep working as they were: a table trigger on INSERT, DELETE and
+  TRUNCATE (and on UPDATE, or with column triggers that notify themselves), evicted per table or
+  column; ``install-triggers`` again replaces them. On a keyed table a column added later has no
+  column trigger: its UPDATEs name rows but no columns. NOTIFY is transactional: a rolled-back
+  write sends nothing, a committed one is delivered after its commit, and PostgreSQL folds
+  identical payloads of one transaction into one. The transition tables cost the writer a copy
+  of the rows a statement changed (PostgreSQL keeps them for the trigger), bulk writes included.
+- Writes through the proxy to keyed tables are *fenced* (``watch``, ``commit_fenced``): the
+  session's marks (nothing it wrote is served or stored) stay after its commit until a NOTIFY on
+  ``pgsidecar_cache_fence``, sent on the LISTEN connection once the commit was seen, comes back;
+  the notification queue is in commit order, so by then the triggers' notifications of that
+  commit (they come from the server backend the session wrote through, which the monitor
+  watches) have evicted what it changed, row by row. The tables no notification of that backend
+  named meanwhile are evicted then as before (per table or column). Residual imprecision, by
+  choice: a notification of that backend is credited to every open watch of it, so a transaction
+  whose triggers did not fire, right after one on the same server connection whose notification
+  was still on its way for the same table, would take that notification as its own; triggers do
+  not fire only under ``session_replication_role = replica`` (a transaction naming it is never
+  fenced) or while disabled (DDL: the catalog is re-read).
 - ``InvalidationMonitor`` (one per database the proxy serves) holds a LISTEN connection (asyncpg)
   and evicts the named tables from the ``ResultCache`` on each notification. It also reads the
   catalog facts the cache decides with: the tables that carry the trigger (``tracked``) and the

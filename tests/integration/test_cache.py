@@ -748,11 +748,16 @@ def test_an_update_evicts_only_the_results_that_read_a_column_it_sets(proxy_fact
 
         _notified(proxy, both, 2)
         assert (one(conn, read_v), one(conn, read_w)) == ("v3", "w3")
-        # Rows coming and going evict every read of the table, whatever its columns.
+        # Rows coming and going evict the reads of those rows, whatever their columns (reads of
+        # other rows stay: invalidation per row).
         _ = [one(conn, q) for q in (read_v, read_w)]
         _notified(proxy, lambda: conn.execute(f"insert into {t} values (2, 'v', 'w')"))
         before = counters(proxy)
         _ = [one(conn, q) for q in (read_v, read_w)]
+        assert _delta(before, counters(proxy)) == {"hits": 2}
+        _notified(proxy, lambda: conn.execute(f"delete from {t} where id = 1"))
+        before = counters(proxy)
+        assert [conn.execute(q, prepare=False).fetchall() for q in (read_v, read_w)] == [[], []]
         assert _delta(before, counters(proxy)).get("hits", 0) == 0
 
 
