@@ -91,6 +91,7 @@ _ROLLBACK = ("ROLLBACK", "ABORT")
 _COLUMN_MEMO = 10_000
 _MEMO_TEXT_LIMIT = 8_000  # below Fingerprinter.max_normalized_chars: a normalised text shorter is whole
 _UNKNOWN_WRITERS = ("CALL", "DO", "EXECUTE")
+_WITH = re.compile(rb"with", re.IGNORECASE)  # a CTE may hide more writes (any "with" counts)
 
 # What classify() says about a statement.
 READ = 0  # writes nothing the cache holds
@@ -433,16 +434,18 @@ class CacheFront:
                  ) -> tuple[int, set[str], bool, dict[str, frozenset[str]] | None]:
         """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK|CHAIN, match keys of the
         tables written, whether it is DDL, and for an UPDATE of a column-safe table the columns it
-        sets: {match key: columns}, else None). Writes are expanded with the tables their
-        foreign-key actions change (per table); a write through a view or to a table with the
-        application's AFTER triggers may reach tables no one can name: FLUSH."""
+        sets: {match key: columns}, else None). Writes are expanded with the tables
+        their foreign-key actions change (per table; an UPDATE or INSERT only by ON UPDATE
+        actions); a write through a view or to a table with the application's AFTER triggers may
+        reach tables no one can name: FLUSH."""
         fp = self.fingerprinter.of_bytes(sql, encoding)
         action, tables = self._action(fp, monitor)
         ddl = fp.kind == "ddl"
         if action != WRITE:
             return action, set(), ddl, None
         keys = {table_match_key(table) for table in tables}
-        if monitor is not None and not monitor.expand_writes(keys):
+        plain = fp.statements == 1 and _WITH.search(sql) is None
+        if monitor is not None and not monitor.expand_writes(keys, fp.kind if plain else ""):
             return FLUSH, set(), ddl, None
         columns = None
         if fp.kind == "update" and self.column_invalidation and monitor is not None and monitor.column_safe:
@@ -478,6 +481,8 @@ class CacheFront:
         if kind == "ddl":
             # CREATE FUNCTION/TRIGGER, ALTER, DROP, TRUNCATE, REFRESH ...: its tables (if any) are
             # written, and the triggers or functions the cache relies on may have changed.
+            if "CASCADE" in fp.normalized.upper() and fp.normalized.lstrip().upper().startswith("TRUNCATE"):
+                return FLUSH, ()  # TRUNCATE ... CASCADE empties every table referencing them too
             return WRITE, fp.tables
         if kind == "unknown" or not fp.tables:
             return FLUSH, ()  # did not parse, or a write whose tables are not named

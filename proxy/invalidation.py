@@ -275,11 +275,11 @@ WHERE NOT t.tgisinternal
   AND (t.tgtype::int & 2) = 0
 """
 _CASCADES_SQL = f"""
-SELECT DISTINCT p.relname AS parent, ch.relname AS child
+SELECT DISTINCT p.relname AS parent, ch.relname AS child, k.confupdtype IN ('c', 'n', 'd') AS on_update
 FROM pg_constraint AS k JOIN pg_class AS p ON p.oid = k.confrelid JOIN pg_class AS ch ON ch.oid = k.conrelid
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
 UNION
-SELECT DISTINCT c.relname, w.name
+SELECT DISTINCT c.relname, w.name, true
 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid,
      (VALUES ('{WEBHOOK_WRITES[0]}'), ('{WEBHOOK_WRITES[1]}')) AS w (name)
 WHERE t.tgname IN ('{WEBHOOK_TRIGGERS[0]}', '{WEBHOOK_TRIGGERS[1]}')
@@ -577,6 +577,7 @@ class InvalidationMonitor(ListenLoop):
         self.views: frozenset[str] = frozenset()  # match keys of views
         self.after_triggers: frozenset[str] = frozenset()  # tables with the app's AFTER triggers
         self.cascades: dict[str, frozenset[str]] = {}  # table -> tables its FK actions change
+        self.update_cascades: dict[str, frozenset[str]] = {}  # ... those of ON UPDATE only
         # table -> its partitions / inheritance children and parents, transitively: a write to one
         # may change the rows another reads (same column names: column facts hold for all)
         self.relatives: dict[str, frozenset[str]] = {}
@@ -669,10 +670,12 @@ class InvalidationMonitor(ListenLoop):
         new_views = frozenset(table_match_key(r[0]) for r in views)
         new_after = frozenset(table_match_key(r[0]) for r in after)
         new_cascades = cascade_closure((table_match_key(r[0]), table_match_key(r[1])) for r in edges)
+        new_update_cascades = cascade_closure((table_match_key(r[0]), table_match_key(r[1])) for r in edges if r[2])
         new_relatives = cascade_closure(family + [(child, parent) for parent, child in family])
         loosened = (not new_tracked >= self.tracked or not new_writers <= self.writer_functions
                     or not new_views <= self.views or not new_after <= self.after_triggers
-                    or new_cascades != self.cascades or new_relatives != self.relatives
+                    or new_cascades != self.cascades or new_update_cascades != self.update_cascades
+                    or new_relatives != self.relatives
                     or not new_user_functions <= self.user_functions)
         if self.ready and loosened:
             # A trigger was dropped, a writer function, a user function (results stored per column
@@ -686,6 +689,7 @@ class InvalidationMonitor(ListenLoop):
         self.views = new_views
         self.after_triggers = new_after
         self.cascades = new_cascades
+        self.update_cascades = new_update_cascades
         self.relatives = new_relatives
 
     # ------------------------------------------------------------------ writes through the proxy
@@ -807,11 +811,14 @@ class InvalidationMonitor(ListenLoop):
             self.cache.invalidate(self.with_relatives(tables), "notify")
         self.refresh_soon()
 
-    def expand_writes(self, keys: set[str]) -> bool:
+    def expand_writes(self, keys: set[str], kind: str = "") -> bool:
         """Add to ``keys`` (match keys of written tables) the tables their foreign-key actions
         change and their partitions, inheritance children and parents; False when a write may
-        reach tables no one can name (a view, an AFTER trigger, on any of them)."""
-        for links in (self.relatives, self.cascades, self.relatives):  # a cascade may reach a family
+        reach tables no one can name (a view, an AFTER trigger, on any of them). ``kind``
+        "update" or "insert" (ON CONFLICT DO UPDATE): only ON UPDATE actions can fire (an
+        ON DELETE CASCADE cannot)."""
+        cascades = self.update_cascades if kind in ("update", "insert") else self.cascades
+        for links in (self.relatives, cascades, self.relatives):  # a cascade may reach a family
             _add_linked(keys, links)
         return keys.isdisjoint(self.views) and keys.isdisjoint(self.after_triggers)
 

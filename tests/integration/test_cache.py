@@ -1117,6 +1117,25 @@ def test_a_cascading_delete_invalidates_the_referencing_table(proxy_factory: Any
         assert one(conn, sql) == 0
 
 
+def test_only_the_actions_a_write_can_fire_reach_the_referencing_table(proxy_factory: Any, server: Server) -> None:
+    """ON DELETE CASCADE fires on a DELETE, not on an UPDATE: an UPDATE of the parent leaves the
+    child's entries (proven by a hidden change of the child that stays unseen); TRUNCATE ...
+    CASCADE empties the child whatever the actions: it flushes."""
+    proxy = proxy_factory(cache__mode="all", cache__require_triggers=False)
+    parent = server.table([(1, "p")], trigger=False)
+    child = server.table([(1, "c")], trigger=False,
+                         columns=f"id int primary key references {parent} on delete cascade, v text")
+    sql = f"select v from {child} where id = 1"
+    with _ready_client(proxy) as conn:
+        wait_until(lambda: proxy.run(lambda: table_match_key(parent) in _monitor(proxy).cascades))
+        assert one(conn, sql) == "c" and one(conn, sql) == "c"
+        server.hidden(f"update {child} set v = 'hidden'")
+        conn.execute(f"update {parent} set v = 'p2' where id = 1")
+        assert one(conn, sql) == "c"  # still the cached row
+        conn.execute(f"truncate {parent} cascade")
+        assert conn.execute(sql, prepare=False).fetchall() == []
+
+
 def test_a_write_to_a_table_with_an_after_trigger_flushes_at_commit(proxy_factory: Any, server: Server) -> None:
     # The application's AFTER trigger writes another table (an audit log, a counter): no one can
     # name what it wrote, so the write flushes everything when it commits.
