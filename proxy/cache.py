@@ -648,6 +648,10 @@ class ResultCache:
         self._writing_all = max(0, self._writing_all - 1)
         return self.flush("proxy") if committed else 0
 
+    def holds(self, match_key: str) -> bool:
+        """Some stored result read table ``match_key``."""
+        return match_key in self._index
+
     def writes_in_flight(self) -> int:
         """Tables marked by open transactions, plus open transactions that may write anything."""
         return len(self._writing) + self._writing_all

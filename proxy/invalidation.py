@@ -618,7 +618,9 @@ class InvalidationMonitor(ListenLoop):
 
         ep = self.endpoint
         self._lost.clear()
-        conn = await asyncpg.connect(statement_cache_size=0, **ep.connect_args("pgsidecar-cache-listen"))
+        # synchronous_commit off: a fence NOTIFY need not wait for its commit record to be flushed.
+        conn = await asyncpg.connect(statement_cache_size=0,
+                                     **ep.connect_args("pgsidecar-cache-listen", synchronous_commit="off"))
         self._conn = conn
         conn.add_termination_listener(lambda _conn: self._lost.set())
         await conn.add_listener(CHANNEL, self._notified)
@@ -717,7 +719,9 @@ class InvalidationMonitor(ListenLoop):
         of that commit has arrived, then release them; the tables no trigger notified are
         invalidated then as a write through the proxy always was (per table or column). False
         (the caller invalidates now) when not listening, or when a table written is not ``keyed``
-        (its notification would name no rows: evicting at once is as precise).
+        (its notification would name no rows: evicting at once is as precise), or when no stored
+        result read a table written (the usual write of a table no one reads through the cache:
+        fences cost a NOTIFY each, and PostgreSQL serialises the commits of NOTIFYing transactions).
 
         The fence is a NOTIFY sent on this LISTEN connection after the commit was seen: the
         notification queue is in commit order, so when the fence comes back every notification
@@ -728,6 +732,8 @@ class InvalidationMonitor(ListenLoop):
         keyed = self.keyed
         if not all(key in keyed for key in marks.tables):
             return False  # a notification would name no rows: evicting now is as precise
+        if not any(map(self.cache.holds, marks.tables)):
+            return False  # no stored result read them: nothing to spare, evicting now is as precise
         self._fenced.append((marks, watch))
         self._fence_wanted.set()
         return True
