@@ -70,7 +70,7 @@ from .cache import (
     table_match_key,
 )
 from .columns import KeyValue, read_columns, read_keys, update_columns
-from .fingerprint import decode_sql
+from .fingerprint import decode_sql, numbered, plain_numbers, text_shape
 from .invalidation import InvalidationMonitor
 
 if TYPE_CHECKING:
@@ -193,6 +193,14 @@ def _has_keys(text: str) -> bool:
     return bool(read_keys(text))
 
 
+def _plain_integer(numbers: list[bytes], number: int) -> int | None:
+    """The ``number``-th (1-based) of a plain text's numbers, when it is an integer."""
+    if not 0 < number <= len(numbers):
+        return None
+    text = numbers[number - 1]
+    return int(text) if text.isdigit() else None
+
+
 class Bind:
     """The parameters of one Bind message, read when a keyed read needs one as an integer."""
 
@@ -302,6 +310,7 @@ class CacheFront:
         # read_keys' answers by exact text (parameter texts repeat; literal texts mostly do not).
         self._key_shapes: dict[tuple[str, str], bool] = {}
         self._key_texts: dict[bytes, dict[str, tuple[str, tuple[KeyValue, ...]]]] = {}
+        self._key_plain: dict[bytes, dict[str, tuple[str, tuple[KeyValue, ...]]]] = {}  # by text shape
 
     # ------------------------------------------------------------------ monitors
     def monitor_for(self, database: str, endpoint: Endpoint) -> InvalidationMonitor:
@@ -386,22 +395,43 @@ class CacheFront:
 
     def _read_keys(self, fp: Fingerprint, sql: bytes, encoding: str, keyed: frozenset[str],
                    bind: Bind | None) -> dict[str, RowKey] | None:
-        """Per keyed table, (column, values): the only rows of it the result depends on."""
+        """Per keyed table, (column, values): the only rows of it the result depends on.
+
+        A text with only numbers for literals (no quote, ``$``, comment or backslash: what an app
+        interpolating ids sends) is read by its shape: its numbers, in order, become ``$1``,
+        ``$2`` ... once per shape (``read_keys`` of that text, memoised), and a text of the shape
+        takes its key values from its own numbers (one regex pass, no parse). Any other text is
+        parsed (``read_keys``, memoised by exact text: parameter texts repeat)."""
         if not _memoised(self._key_shapes, _has_keys, fp, sql, encoding):
             return None
-        found = self._key_texts.get(sql)
-        if found is None:
-            found = read_keys(decode_sql(sql, encoding))
-            if len(self._key_texts) >= _COLUMN_MEMO:
-                self._key_texts.clear()
-            self._key_texts[sql] = found
+        numbers = plain_numbers(sql)
+        if numbers is not None:
+            shape = text_shape(sql)
+            found = self._key_plain.get(shape)
+            if found is None:
+                found = read_keys(decode_sql(numbered(sql), encoding))
+                if len(self._key_plain) >= _COLUMN_MEMO:
+                    self._key_plain.clear()
+                self._key_plain[shape] = found
+        else:
+            found = self._key_texts.get(sql)
+            if found is None:
+                found = read_keys(decode_sql(sql, encoding))
+                if len(self._key_texts) >= _COLUMN_MEMO:
+                    self._key_texts.clear()
+                self._key_texts[sql] = found
         keys: dict[str, RowKey] = {}
         for table, (column, values) in found.items():
             if table not in keyed:
                 continue
             resolved: set[int] = set()
             for value in values:
-                number = value if isinstance(value, int) else None if bind is None else bind.integer(int(value[1:]))
+                if isinstance(value, int):
+                    number: int | None = value
+                elif numbers is not None:
+                    number = _plain_integer(numbers, int(value[1:]))
+                else:
+                    number = None if bind is None else bind.integer(int(value[1:]))
                 if number is None:
                     break
                 resolved.add(number)

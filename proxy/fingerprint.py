@@ -427,6 +427,20 @@ def text_shape(sql: bytes) -> bytes:
     return _SHAPE.sub(_shape_token, sql)
 
 
+def plain_numbers(sql: bytes) -> list[bytes] | None:
+    """The numbers of a plain text (no quote, ``$``, comment, ``-``, ``/`` or backslash: what
+    ``text_shape`` replaces with ``?``), in order; None for any other text."""
+    if len(sql.translate(None, _NOT_PLAIN)) != len(sql):
+        return None
+    return _NUMBERS.findall(sql)
+
+
+def numbered(sql: bytes) -> bytes:
+    """A plain text with its numbers replaced by $1, $2, ... in the order ``plain_numbers`` lists them."""
+    counter = iter(range(1, 1 << 30))
+    return _NUMBERS.sub(lambda _match: b"$%d" % next(counter), sql)
+
+
 class Fingerprinter:
     """Memoised SQL text -> Fingerprint. One per proxy (not a module global); not thread-safe.
 

@@ -7,6 +7,7 @@ of the map depends on all its columns.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
@@ -313,3 +314,40 @@ def test_notification_payloads() -> None:
     assert parse_payload('{"tables": ["jobs"], "keys": {"id": [1.5]}}') == (["jobs"], None, None)
     assert parse_payload('{"tables": ["jobs"], "keys": {"id": [true]}}') == (["jobs"], None, None)
     assert parse_payload("jobs") == (["jobs"], None, None)
+
+
+def _front() -> Any:
+    from config.settings import CacheSettings
+    from proxy.caching import CacheFront
+    from proxy.fingerprint import Fingerprinter
+
+    return CacheFront(CacheSettings(mode="all"), Fingerprinter())
+
+
+@pytest.mark.parametrize("sql", [
+    "select v from t where id = 17 limit 10",
+    "select v from t where id in (1, 2, 30) and grp = 4 order by 1",
+    "select m.a from matches m join jobs j on j.id = m.job_id where m.resume_id = 5 and j.x = 0",
+    "select v from t1 where t1.id = 007",
+    "select v from t where id = 1.5",  # not an integer: no key
+    "select v from t where id = 1e3",
+    "select v from t where grp = 3 and id = -2",  # a '-': not plain, parsed
+    "select v from t where name = 'x' and id = 9",  # a quote: parsed
+    "select v from t where id = 12 or id = 13",
+])
+def test_plain_texts_take_their_keys_from_their_numbers(sql: str) -> None:
+    """The shape path (numbers -> $n once per shape, values by position) gives what a parse of
+    the text itself gives; a second text of the same shape too."""
+    front = _front()
+    keyed = frozenset({"t", "matches", "jobs", "t1"})
+
+    def parsed(text: str) -> dict[str, tuple[str, frozenset[int]]]:
+        found = read_keys(text)
+        return {table: (column, frozenset(v for v in values if isinstance(v, int)))
+                for table, (column, values) in found.items()
+                if table in keyed and all(isinstance(v, int) for v in values)}
+
+    for text in (sql, sql.replace("1", "8").replace("3", "6")):
+        raw = text.encode()
+        fp = front.fingerprinter.of_bytes(raw, "utf-8")
+        assert (front._read_keys(fp, raw, "utf-8", keyed, None) or {}) == parsed(text), text  # noqa: SLF001
