@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -541,6 +542,8 @@ class ListenLoop:
 
 
 FENCE_TIMEOUT_S = 5.0
+# The names at the head of a rows trigger's payload, when none holds a quote or a backslash.
+_PAYLOAD_TABLES = re.compile(r'\{"tables" : \[("[^"\\]*"(?:, "[^"\\]*")*)\]')
 
 
 class Watch:
@@ -775,6 +778,15 @@ class InvalidationMonitor(ListenLoop):
 
     def _notified(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
+        if pid not in self._watches:
+            # The usual notification of a table no stored result read (a login, a logged event):
+            # its names alone, without reading the rest of the JSON, and evicted per table.
+            match = _PAYLOAD_TABLES.match(payload)
+            if match is not None:
+                names = self.with_relatives(match.group(1)[1:-1].split('", "'))
+                if not any(self.cache.holds(table_match_key(name)) for name in names):
+                    self.cache.invalidate(names, "notify")
+                    return
         tables, columns, keys = parse_payload(payload)
         if tables:
             tables = self.with_relatives(tables)
