@@ -748,10 +748,11 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], targets: l
         "",
         f"Main mix: reads {pct_or_na(mix.get('read_share'))} of its transactions (with the writer's: "
         f"{pct_or_na(mix.get('read_share_with_writer'))}). Zipf s = {ZIPF_S} over each read key range (hot keys "
-        "scattered by a fixed `permute`); write keys uniform. An edit of matches or jobs invalidates every cached "
-        "read of that table that references a column it sets (`cache.column_invalidation`, the default): "
-        "rescore_match evicts resume_matches, edit_job (salary_max, updated_at) evicts job_page; "
-        "company_open_jobs and skill_search read none of them."
+        "scattered by a fixed `permute`); write keys uniform. An edit of matches or jobs invalidates the cached "
+        "reads of that table that reference a column it sets (`cache.column_invalidation`) and read a row it "
+        "changed (`cache.row_invalidation`; both the default): rescore_match evicts the resume_matches of the "
+        "match's resume, edit_job (salary_max, updated_at) the job_page of that job; company_open_jobs and "
+        "skill_search read neither column."
         + ("" if a["invalidating_writes"] == DEFAULT_INVALIDATING and rate == DEFAULT_HOT_WRITE_RATE
            and not a.get("cache_setting") else
            " **Sensitivity run**: "
