@@ -708,11 +708,14 @@ def _two_column_reads(proxy: RunningProxy, conn: Any, t: str) -> tuple[str, str]
 
 
 def _notified(proxy: RunningProxy, write: Callable[[], Any], count: int = 1) -> None:
-    """Run ``write`` and wait until the ``count`` notifications its triggers send are in: a
-    notification arriving later could evict what the next reads store (or make them stale)."""
+    """Run ``write`` and wait until the ``count`` notifications its triggers send are in (a
+    notification arriving later could evict what the next reads store, or make them stale) and
+    no write holds marks (a fenced write's until its fence)."""
     seen = proxy.run(lambda: _monitor(proxy).notifications)
     write()
     wait_until(lambda: proxy.run(lambda: _monitor(proxy).notifications) >= seen + count)
+    # A write through the proxy keeps its marks until its fence comes back, just after.
+    wait_until(lambda: proxy.run(lambda: _front(proxy).cache.writes_in_flight()) == 0)
 
 
 def test_an_update_evicts_only_the_results_that_read_a_column_it_sets(proxy_factory: Any, server: Server) -> None:
