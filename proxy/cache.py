@@ -366,10 +366,13 @@ class WriteMarks:
     """What one open transaction marked in the cache (``ResultCache.begin_write``): per table
     match key, the columns its UPDATEs set, or None once anything else wrote it (every column)."""
 
-    __slots__ = ("tables",)
+    __slots__ = ("tables", "rows")
 
     def __init__(self) -> None:
         self.tables: dict[str, set[str] | None] = {}
+        # per table marked, (key column, values) when every write of it so far changed only rows
+        # whose key column held one of the values (its WHERE said so); absent: any rows
+        self.rows: dict[str, tuple[str, set[int]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.tables)
@@ -386,7 +389,7 @@ class ResultCache:
     __slots__ = ("max_bytes", "max_result_bytes", "max_tracked_tables", "_clock", "_entries", "_index",
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
                  "_writing", "_writing_all", "_writing_unknown", "_writing_columns", "_column_invalidated_at",
-                 "_any_invalidated_at", "_keyed_log", "_keyed_forgotten",
+                 "_any_invalidated_at", "_keyed_log", "_keyed_forgotten", "_writing_keyed", "_writing_values",
                  "_evictions", "_rejected", "_invalidations", "_bypasses", "_spared")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
@@ -419,6 +422,10 @@ class ResultCache:
         self._writing_unknown: dict[str, int] = {}
         self._writing_columns: dict[str, dict[str, int]] = {}
         self._writing_all = 0  # open transactions that may write anything
+        # ... of those writing a table, how many change only rows named by one key column, and
+        # per (column, value) how many name it (begin_write's ``rows``)
+        self._writing_keyed: dict[str, dict[str, int]] = {}
+        self._writing_values: dict[str, dict[tuple[str, int], int]] = {}
         self._paused = False
         self.hits = 0
         self.misses = 0
@@ -468,7 +475,7 @@ class ResultCache:
         if entry is None or self._paused:
             return None
         if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(entry.match_keys)
-                                 and self._written_under(entry.match_keys, entry.columns)):
+                                 and self._written_under(entry.match_keys, entry.columns, entry.keys)):
             return None  # an open transaction writes what it read: the server answers
         if entry.expires_at <= self._clock():
             self._remove(key, "ttl")
@@ -514,7 +521,7 @@ class ResultCache:
         if token.sequence < self._floor:
             return self._reject("stale")
         if self._writing_all or (self._writing and not self._writing.keys().isdisjoint(match_keys)
-                                 and self._written_under(match_keys, columns)):
+                                 and self._written_under(match_keys, columns, keys)):
             return self._reject("write_in_flight")
         sequence = token.sequence
         any_invalidated_at = self._any_invalidated_at
@@ -562,7 +569,7 @@ class ResultCache:
         return True
 
     def begin_write(self, tables: Iterable[str], columns: Mapping[str, Iterable[str]] | None = None,
-                    marks: WriteMarks | None = None) -> WriteMarks:
+                    marks: WriteMarks | None = None, rows: Mapping[str, RowKey] | None = None) -> WriteMarks:
         """An open transaction wrote ``tables`` (not committed yet): until ``end_write``, entries
         that read them are neither served (``get`` misses) nor stored.
 
@@ -572,13 +579,16 @@ class ResultCache:
         The entries themselves stay: on rollback they are still right.
 
         ``columns``: for some of the tables (match keys), the only columns written (UPDATE ... SET);
-        entries that read none of them are still served and stored. ``marks``: what the same
-        transaction marked before (its later writes add to it); the marks are returned, to pass to
-        the next call and to ``end_write``."""
+        entries that read none of them are still served and stored. ``rows``: for some of the
+        tables, (key column, values): the write changes only rows whose key column holds one of
+        them (``proxy.columns.write_keys``); entries keyed on that column to other values are
+        still served and stored. ``marks``: what the same transaction marked before (its later
+        writes add to it); the marks are returned, to pass to the next call and to ``end_write``."""
         if marks is None:
             marks = WriteMarks()
         held = marks.tables
         for match_key in {table_match_key(table) for table in tables}:
+            self._mark_rows(marks, match_key, rows.get(match_key) if rows else None, match_key not in held)
             if match_key in held:
                 marked = held[match_key]
                 if marked is None:
@@ -599,20 +609,74 @@ class ResultCache:
                         counts[column] = counts.get(column, 0) + 1
         return marks
 
-    def _written_under(self, match_keys: Iterable[str], columns: Mapping[str, frozenset[str]] | None) -> bool:
+    def _mark_rows(self, marks: WriteMarks, match_key: str, key: RowKey | None, first: bool) -> None:
+        """Add one write's rows of ``match_key`` to ``marks`` and to the counts of rows being written."""
+        held = marks.rows.get(match_key)
+        if held is None and not first:
+            return  # an earlier write of it changed rows no one can name
+        keyed, values = self._writing_keyed, self._writing_values
+        if key is not None and (held is None or held[0] == key[0]):
+            column, new = key
+            if held is None:
+                held = marks.rows[match_key] = (column, set())
+                by_column = keyed.setdefault(match_key, {})
+                by_column[column] = by_column.get(column, 0) + 1
+            counts = values.setdefault(match_key, {})
+            for value in new:
+                if value not in held[1]:
+                    held[1].add(value)
+                    counts[(column, value)] = counts.get((column, value), 0) + 1
+            return
+        if held is not None:  # from known rows to any rows
+            self._release_rows(marks, match_key)
+
+    def _release_rows(self, marks: WriteMarks, match_key: str) -> None:
+        held = marks.rows.pop(match_key, None)
+        if held is None:
+            return
+        column, marked = held
+        by_column = self._writing_keyed.get(match_key)
+        if by_column is not None:
+            _release(by_column, column)
+            if not by_column:
+                del self._writing_keyed[match_key]
+        counts = self._writing_values.get(match_key)
+        if counts is not None:
+            for value in marked:
+                _release(counts, (column, value))  # type: ignore[arg-type]
+            if not counts:
+                del self._writing_values[match_key]
+
+    def _written_under(self, match_keys: Iterable[str], columns: Mapping[str, frozenset[str]] | None,
+                       keys: Mapping[str, RowKey] | None = None) -> bool:
         """An open transaction writes something a result over ``match_keys`` reading ``columns``
-        (see ``put``) depends on."""
+        and ``keys`` (see ``put``) depends on."""
         writing = self._writing
         for match_key in match_keys:
             if match_key not in writing:
                 continue
             read = columns.get(match_key) if columns else None
             if read is None or self._writing_unknown.get(match_key):
-                return True
-            marked = self._writing_columns.get(match_key)
-            if marked and any(marked.get(column) for column in read):
+                blocked = True
+            else:
+                marked = self._writing_columns.get(match_key)
+                blocked = bool(marked) and any(marked.get(column) for column in read)  # type: ignore[union-attr]
+            if blocked and keys:
+                key = keys.get(match_key)
+                if key is not None and self._other_rows(match_key, key):
+                    blocked = False
+            if blocked:
                 return True
         return False
+
+    def _other_rows(self, match_key: str, key: RowKey) -> bool:
+        """Every open write of ``match_key`` changes only rows whose ``key`` column holds none of
+        the ``key`` values."""
+        column, read = key
+        if self._writing_keyed.get(match_key, {}).get(column, 0) != self._writing[match_key]:
+            return False
+        counts = self._writing_values.get(match_key, {})
+        return not any((column, value) in counts for value in read)
 
     def end_write(self, marks: WriteMarks, committed: bool, notified: Collection[str] = ()) -> int:
         """The transaction that ``begin_write`` gave ``marks`` ended: release them (``marks`` is
@@ -622,6 +686,8 @@ class ResultCache:
         changed, have already invalidated them."""
         columns = marks.columns()
         keys = [key for key in marks.tables if key not in notified]
+        for match_key in list(marks.rows):
+            self._release_rows(marks, match_key)
         for match_key, marked in marks.tables.items():
             _release(self._writing, match_key)
             if marked is None:

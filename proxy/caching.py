@@ -69,7 +69,7 @@ from .cache import (
     decide,
     table_match_key,
 )
-from .columns import KeyValue, read_columns, read_keys, update_columns
+from .columns import KeyValue, read_columns, read_keys, update_columns, write_keys
 from .fingerprint import decode_sql, numbered, plain_numbers, text_shape
 from .invalidation import InvalidationMonitor
 
@@ -193,6 +193,10 @@ def _has_keys(text: str) -> bool:
     return bool(read_keys(text))
 
 
+def _has_write_keys(text: str) -> bool:
+    return write_keys(text) is not None
+
+
 def _plain_integer(numbers: list[bytes], number: int) -> int | None:
     """The ``number``-th (1-based) of a plain text's numbers, when it is an integer."""
     if not 0 < number <= len(numbers):
@@ -311,6 +315,9 @@ class CacheFront:
         self._key_shapes: dict[tuple[str, str], bool] = {}
         self._key_texts: dict[bytes, dict[str, tuple[str, tuple[KeyValue, ...]]]] = {}
         self._key_plain: dict[bytes, dict[str, tuple[str, tuple[KeyValue, ...]]]] = {}  # by text shape
+        # ... and of UPDATEs (proxy.columns.write_keys)
+        self._write_shapes: dict[tuple[str, str], bool] = {}
+        self._write_plain: dict[bytes, tuple[str, str, tuple[KeyValue, ...]] | None] = {}
 
     # ------------------------------------------------------------------ monitors
     def monitor_for(self, database: str, endpoint: Endpoint) -> InvalidationMonitor:
@@ -461,10 +468,11 @@ class CacheFront:
 
     # ------------------------------------------------------------------ writes
     def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None
-                 ) -> tuple[int, set[str], bool, dict[str, frozenset[str]] | None]:
+                 ) -> tuple[int, set[str], bool, dict[str, frozenset[str]] | None, dict[str, RowKey] | None]:
         """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK|CHAIN, match keys of the
         tables written, whether it is DDL, and for an UPDATE of a column-safe table the columns it
-        sets: {match key: columns}, else None). Writes are expanded with the tables
+        sets: {match key: columns}, else None, and the rows it changes: {match key: (key column,
+        values)} when its WHERE names them, see ``proxy.columns.write_keys``). Writes are expanded with the tables
         their foreign-key actions change (per table; an UPDATE or INSERT only by ON UPDATE
         actions); a write through a view or to a table with the application's AFTER triggers may
         reach tables no one can name: FLUSH."""
@@ -472,17 +480,51 @@ class CacheFront:
         action, tables = self._action(fp, monitor)
         ddl = fp.kind == "ddl"
         if action != WRITE:
-            return action, set(), ddl, None
+            return action, set(), ddl, None, None
         keys = {table_match_key(table) for table in tables}
         plain = fp.statements == 1 and _WITH.search(sql) is None
         if monitor is not None and not monitor.expand_writes(keys, fp.kind if plain else ""):
-            return FLUSH, set(), ddl, None
-        columns = None
-        if fp.kind == "update" and self.column_invalidation and monitor is not None and monitor.column_safe:
-            found = self._update_columns(fp, sql, encoding)
-            if found is not None and found[0] in monitor.column_safe and found[0] in keys:
-                columns = {found[0]: found[1]}
-        return WRITE, keys, ddl, columns
+            return FLUSH, set(), ddl, None, None
+        columns = rows = None
+        if fp.kind == "update" and monitor is not None and monitor.column_safe:
+            if self.column_invalidation:
+                found = self._update_columns(fp, sql, encoding)
+                if found is not None and found[0] in monitor.column_safe and found[0] in keys:
+                    columns = {found[0]: found[1]}
+            if self.row_invalidation:
+                rows = self._write_rows(fp, sql, encoding)
+                if rows is not None and not all(table in monitor.column_safe and table in keys for table in rows):
+                    rows = None
+        return WRITE, keys, ddl, columns, rows
+
+    def _write_rows(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, RowKey] | None:
+        """The rows an UPDATE changes, when its WHERE names them by literals (see ``_read_keys``
+        for how a plain text's numbers are read)."""
+        if not _memoised(self._write_shapes, _has_write_keys, fp, sql, encoding):
+            return None
+        numbers = plain_numbers(sql)
+        if numbers is not None:
+            shape = text_shape(sql)
+            if shape in self._write_plain:
+                found = self._write_plain[shape]
+            else:
+                found = write_keys(decode_sql(numbered(sql), encoding))
+                if len(self._write_plain) >= _COLUMN_MEMO:
+                    self._write_plain.clear()
+                self._write_plain[shape] = found
+        else:
+            found = write_keys(decode_sql(sql, encoding))
+        if found is None:
+            return None
+        table, column, values = found
+        resolved: set[int] = set()
+        for value in values:
+            number = value if isinstance(value, int) else (
+                _plain_integer(numbers, int(value[1:])) if numbers is not None else None)
+            if number is None:
+                return None  # a bind parameter: its value is not at hand here
+            resolved.add(number)
+        return {table: (column, frozenset(resolved))}
 
     @staticmethod
     def _action(fp: Fingerprint, monitor: InvalidationMonitor | None) -> tuple[int, tuple[str, ...]]:

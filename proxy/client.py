@@ -1157,7 +1157,7 @@ class ClientSession(asyncio.Protocol):
             # by the time this transaction commits, it flushes (see _commit).
             self._unnoted = True
             return
-        action, keys, ddl, columns = front.classify(sql, self._encoding, front.monitors.get(self.database))
+        action, keys, ddl, columns, rows = front.classify(sql, self._encoding, front.monitors.get(self.database))
         if ddl:
             self._ddl = True
         if _REPLICA_ROLE.search(sql) is not None:
@@ -1166,7 +1166,7 @@ class ClientSession(asyncio.Protocol):
             return
         if action == WRITE:
             # What reads these columns is neither served nor stored until this transaction ends.
-            front.cache.begin_write(keys, columns, self._written)
+            front.cache.begin_write(keys, columns, self._written, rows)
             if self._watch is None and self.server is not None and self.server.pid:
                 monitor = front.monitors.get(self.database)
                 if monitor is not None and monitor.ready:

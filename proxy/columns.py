@@ -303,7 +303,21 @@ def read_keys(sql: str) -> dict[str, tuple[str, tuple[KeyValue, ...]]]:
     _top_from(select.get("fromClause", []), aliases, items)
     only = items[0] if len(items) == 1 and items[0] != "?" else None
     found: dict[str, tuple[str, tuple[KeyValue, ...]]] = {}
-    for conjunct in _conjuncts(select["whereClause"]):
+    for table, column, values in _key_conjuncts(select["whereClause"], aliases, only):
+        if table in ctes or named.get(table) != 1:
+            continue
+        if table not in found:  # the first conjunct on a table is enough
+            found[table] = (column, values)
+    return found
+
+
+def _key_conjuncts(where: Any, aliases: dict[str, str], only: str | None
+                   ) -> list[tuple[str, str, tuple[KeyValue, ...]]]:
+    """(table, column, values) of each top-level conjunct ``col = v`` / ``v = col`` /
+    ``col IN (v, ...)`` of ``where`` whose column is an alias's (``aliases``: alias -> table) or,
+    unqualified, ``only``'s."""
+    found = []
+    for conjunct in _conjuncts(where):
         expr = conjunct.get("A_Expr") if isinstance(conjunct, dict) else None
         if expr is None or [_name(n) for n in expr.get("name", ())] != ["="]:
             continue
@@ -332,8 +346,32 @@ def read_keys(sql: str) -> dict[str, tuple[str, tuple[KeyValue, ...]]]:
         else:
             continue
         column = names[-1]
-        if column is None or column in _SYSTEM_COLUMNS or table in ctes or named.get(table) != 1:
+        if column is None or column in _SYSTEM_COLUMNS:
             continue
-        if table not in found:  # the first conjunct on a table is enough
-            found[table] = (column, tuple(value for value in values if value is not None))
+        found.append((table, column, tuple(value for value in values if value is not None)))
     return found
+
+
+def write_keys(sql: str) -> tuple[str, str, tuple[KeyValue, ...]] | None:
+    """(table, key column, values) of a single UPDATE or DELETE that changes only rows whose key
+    column holds one of the values: a top-level WHERE conjunct on the target table's column (as
+    ``read_keys`` reads them), with no WITH, FROM or USING, and for an UPDATE a column it does
+    not SET. None otherwise."""
+    statements = _statements(sql)
+    if not statements or len(statements) != 1:
+        return None
+    statement = statements[0]
+    node = statement.get("UpdateStmt") or statement.get("DeleteStmt")
+    if node is None or "withClause" in node or node.get("fromClause") or node.get("usingClause"):
+        return None
+    relation = node.get("relation") or {}
+    relname = relation.get("relname")
+    if not relname or "whereClause" not in node:
+        return None
+    table = table_match_key(relname)
+    alias = (relation.get("alias") or {}).get("aliasname") or relname
+    set_columns = {str(target.get("ResTarget", {}).get("name")) for target in node.get("targetList", ())}
+    for found_table, column, values in _key_conjuncts(node["whereClause"], {alias: table}, table):
+        if found_table == table and column not in set_columns:
+            return table, column, values
+    return None

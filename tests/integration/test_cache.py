@@ -854,6 +854,27 @@ def test_a_write_evicts_only_the_results_that_read_rows_it_changed(proxy_factory
         assert spared.get("rows", 0) >= 8, spared
 
 
+def test_an_open_transaction_hides_only_the_rows_its_where_names(proxy_factory: Any, server: Server) -> None:
+    """While a transaction that ran ``UPDATE .. WHERE id = 2`` is open (and until its fence), the
+    cached read of row 2 is not served, the read of row 1 still is (a hidden change proves it)."""
+    proxy = proxy_factory(cache__mode="all")
+    t = server.table([(1, "a"), (2, "b")])
+    with _ready_client(proxy) as conn, _connect(proxy) as writer:
+        wait_until(lambda: proxy.run(lambda: table_match_key(t) in _monitor(proxy).column_safe))
+        row1, row2 = f"select v from {t} where id = 1", f"select v from {t} where id = 2"
+        assert (one(conn, row1), one(conn, row2)) == ("a", "b")
+        assert (one(conn, row1), one(conn, row2)) == ("a", "b")  # hits
+        server.hidden(f"update {t} set v = 'a-hidden' where id = 1")
+        server.hidden(f"update {t} set v = 'b-hidden' where id = 2")
+        writer.execute("begin")
+        writer.execute(f"update {t} set v = 'b2' where id = 2")
+        before = counters(proxy)
+        assert (one(conn, row1), one(conn, row2)) == ("a", "b-hidden")  # row 2 from the server
+        assert _delta(before, counters(proxy)) == {"hits": 1, "misses": 1, "rejected.write_in_flight": 1}
+        _notified(proxy, lambda: writer.execute("commit"))
+        assert (one(conn, row1), one(conn, row2)) == ("a", "b2")
+
+
 def test_asyncpg_binary_parameters_pin_the_rows_read(proxy_factory: Any, server: Server) -> None:
     """asyncpg prepares a named statement (no parameter types in its Parse) and binds an int4 in
     binary: the key of a read is still known, so an edit of another row keeps its entry."""

@@ -14,7 +14,7 @@ import pytest
 from proxy.cache import ReadToken, ResultCache
 from proxy.caching import Bind
 from proxy.invalidation import parse_payload
-from proxy.columns import read_columns, read_keys, update_columns
+from proxy.columns import read_columns, read_keys, update_columns, write_keys
 
 
 def cols(*names: str) -> frozenset[str]:
@@ -351,3 +351,62 @@ def test_plain_texts_take_their_keys_from_their_numbers(sql: str) -> None:
         raw = text.encode()
         fp = front.fingerprinter.of_bytes(raw, "utf-8")
         assert (front._read_keys(fp, raw, "utf-8", keyed, None) or {}) == parsed(text), text  # noqa: SLF001
+
+
+@pytest.mark.parametrize(("sql", "expected"), [
+    ("update jobs set salary_max = 5, updated_at = now() where id = 17", ("jobs", "id", (17,))),
+    ("update matches set match_score = $1 where id = $2", ("matches", "id", ("$2",))),
+    ("update t x set v = 1 where x.grp in (1, 2) and v <> 0", ("t", "grp", (1, 2))),
+    ("update public.t set v = 1 where t.id = 4", ("t", "id", (4,))),
+    ("update t set id = 3 where id = 2", None),  # sets its key: the new value is another row's
+    ("update t set v = 1 from u where t.id = 1", None),
+    ("update t set v = 1 where id = 1 or id = 2", None),
+    ("with a as (select 1) update t set v = 1 where id = 1", None),
+    ("update t set v = 1", None),
+    ("update t set v = 1 where u.id = 1", None),
+    ("delete from t where id = 1", ("t", "id", (1,))),
+    ("delete from t using u where t.id = 1", None),
+    ("select 1", None),
+])
+def test_write_keys(sql: str, expected: tuple[str, str, tuple[object, ...]] | None) -> None:
+    assert write_keys(sql) == expected
+
+
+def test_a_write_that_names_its_rows_hides_only_the_entries_of_those_rows() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+    token = cache.begin_read(["jobs"])
+    for key, rows in ((b"job7", {"jobs": ("id", frozenset({7}))}), (b"job42", {"jobs": ("id", frozenset({42}))}),
+                      (b"company3", {"jobs": ("company_id", frozenset({3}))}), (b"every", None)):
+        assert cache.put(key, b"r", ["jobs"], 60, token, None, None, rows)
+    marks = cache.begin_write(["jobs"], None, None, {"jobs": ("id", frozenset({7}))})  # UPDATE .. WHERE id = 7
+    served = {k for k in (b"job7", b"job42", b"company3", b"every") if cache.peek(k) is not None}
+    assert served == {b"job42"}
+    # A read of another row that starts now is stored; one of row 7 is not.
+    token = cache.begin_read(["jobs"])
+    assert cache.put(b"job43", b"r", ["jobs"], 60, token, None, None, {"jobs": ("id", frozenset({43}))})
+    assert not cache.put(b"job7b", b"r", ["jobs"], 60, token, None, None, {"jobs": ("id", frozenset({7, 8}))})
+    # Another transaction writing rows no one can name hides everything of the table.
+    other = cache.begin_write(["jobs"])
+    assert cache.peek(b"job42") is None
+    cache.end_write(other, committed=False)
+    assert cache.peek(b"job42") is not None
+    # The same transaction's next write of any rows: its marks cover every row from then on.
+    cache.begin_write(["jobs"], None, marks, None)
+    assert cache.peek(b"job42") is None
+    cache.end_write(marks, committed=False)
+    assert cache.peek(b"job42") is not None and cache.peek(b"job7") is not None
+    assert not cache._writing_keyed and not cache._writing_values and not cache._writing  # noqa: SLF001
+
+
+def test_two_writes_naming_rows_add_up() -> None:
+    cache = ResultCache(clock=lambda: 0.0)
+    token = cache.begin_read(["jobs"])
+    for key in (1, 2, 3):
+        assert cache.put(b"job%d" % key, b"r", ["jobs"], 60, token, None, None, {"jobs": ("id", frozenset({key}))})
+    marks = cache.begin_write(["jobs"], None, None, {"jobs": ("id", frozenset({1}))})
+    cache.begin_write(["jobs"], None, marks, {"jobs": ("id", frozenset({2}))})
+    other = cache.begin_write(["jobs"], None, None, {"jobs": ("id", frozenset({2}))})
+    assert [cache.peek(b"job%d" % key) is not None for key in (1, 2, 3)] == [False, False, True]
+    cache.end_write(marks, committed=True)  # evicts jobs per table: nothing names the rows here
+    cache.end_write(other, committed=False)
+    assert not cache._writing_keyed and not cache._writing_values  # noqa: SLF001
