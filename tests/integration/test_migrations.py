@@ -15,9 +15,10 @@ import psycopg
 import pytest
 
 from migrations import runner
+from proxy.invalidation import drop_trigger_sql
 
 ROOT = Path(__file__).resolve().parents[2]
-REVISIONS = ["0001", "0002", "0003", "0004", "0005"]
+REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006"]
 SEED_INDICES = {
     "idx_user_email": ("users", "(email)"),
     "idx_user_created": ("users", "(created_at)"),
@@ -91,7 +92,7 @@ def test_upgrade_downgrade_upgrade_leaves_nothing_at_base(fresh_db: Any) -> None
     out = migrate(dsn).stdout
     for rev in REVISIONS:
         assert f"applied {rev}:" in out
-    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
     head = snapshot(conn)
     assert {"resume_job_matches", "user_statistics"} <= {r[0] for r in head["matviews"]}
 
@@ -210,7 +211,7 @@ def test_two_runners_at_once_apply_each_revision_once(fresh_db: Any) -> None:
     for rev in REVISIONS:
         applied = sum(f"applied {rev}:" in out for out, _ in outs)
         assert applied == 1, (rev, outs)
-    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
 
 
 def test_status_and_offline_sql(fresh_db: Any) -> None:
@@ -275,3 +276,27 @@ def test_seed_demo_fills_the_schema_and_the_seed_queries_use_the_indices(fresh_d
     plan = "\n".join(r[0] for r in conn.execute(
         "EXPLAIN SELECT id FROM resumes WHERE skills @> ARRAY['python', 'sql']").fetchall())
     assert "idx_resume_skills" in plan, plan
+
+
+def test_0006_replaces_cache_triggers_an_earlier_0004_installed(fresh_db: Any) -> None:
+    """A database migrated to 0005 by an older pgsidecar has one table trigger on INSERT, DELETE
+    and TRUNCATE per recruiter table (and column triggers that notify themselves): 0006 puts the
+    triggers that name the rows in their place, and a write then notifies its rows' keys."""
+    dsn, connect = fresh_db
+    conn = connect()
+    cfg = runner.alembic_config(dsn)
+    runner.upgrade(cfg, "0005")
+    for table in ("users", "companies", "resumes", "jobs", "matches", "predictions"):
+        conn.execute(drop_trigger_sql("public", table))
+        conn.execute(f"CREATE TRIGGER pgsidecar_cache_invalidate AFTER INSERT OR DELETE OR TRUNCATE ON {table} "
+                     "FOR EACH STATEMENT EXECUTE FUNCTION public.pgsidecar_cache_notify()")
+    rows_triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgsidecar_cache_rows_%'"
+    assert conn.execute(rows_triggers).fetchone() == (0,)
+    runner.upgrade(cfg, "0006")
+    assert conn.execute(rows_triggers).fetchone() == (18,)  # six tables, three each
+    _demo_rows(conn, users=5)
+    listener = connect()
+    listener.execute("LISTEN pgsidecar_cache")
+    conn.execute("UPDATE jobs SET title = title WHERE id = 1")
+    notes = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert notes[0]["tables"] == ["jobs"] and notes[0]["keys"]["id"] == [1], notes
