@@ -318,7 +318,7 @@ def test_two_emitters_with_a_short_lease_and_a_slow_receiver_do_not_both_deliver
     # One batch (100 deliveries, one at a time or 8 at once) takes longer than the lease: the
     # emitter must keep renewing it, or the other one takes the endpoint over and sends the same
     # events again.
-    a, b = stack(webhooks__lease_s=1.0), stack(webhooks__lease_s=1.0)
+    a, _b = stack(webhooks__lease_s=1.0), stack(webhooks__lease_s=1.0)  # _b: the competing emitter
     receiver.delay = delay
     a.register(receiver.url, ["*"], ordered=ordered)
     with a.app_conn() as conn:
