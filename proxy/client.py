@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 from . import protocol as pq
 from .auth import AuthFailed
 from .cache import HINT_MARK, WriteMarks
-from .invalidation import Watch
 from .caching import CHAIN, FLUSH, READ, ROLLBACK, WRITE, Bind, Fill, volatile_params
 from .errors import ProxyError
+from .invalidation import Watch
 from .stats import Scope
 from .server import (
     FORWARD,
