@@ -240,7 +240,7 @@ def test_invalidation_keeps_entries_that_read_other_rows() -> None:
     assert removed == 3
     assert {k for k in (b"job1", b"job2", b"company7", b"every", b"job3-title") if cache.peek(k)} == {
         b"job1", b"job3-title"}
-    assert cache.snapshot().spared == {"rows": 1, "columns": 1}
+    assert cache.snapshot().spared == {"rows": 2}  # job3-title read neither: counted by rows, looked at first
     # Keys for a column the entry does not pin say nothing about its rows.
     assert cache.invalidate(["jobs"], "notify", None, {"jobs": keys(company_id=(1,))}) == 2
     # A write of no rows (json_agg over none: an empty set) changes nothing keyed.
@@ -410,3 +410,30 @@ def test_two_writes_naming_rows_add_up() -> None:
     cache.end_write(marks, committed=True)  # evicts jobs per table: nothing names the rows here
     cache.end_write(other, committed=False)
     assert not cache._writing_keyed and not cache._writing_values  # noqa: SLF001
+
+
+def test_a_keyed_invalidation_visits_only_the_entries_of_the_values_it_names() -> None:
+    """The entries keyed to other values are not even looked at (an index by key column and value):
+    what the scan of every entry of the table gave, for every mix of keyed and unkeyed entries."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        indexed, scanned = ResultCache(clock=lambda: 0.0), ResultCache(clock=lambda: 0.0)
+        token = ReadToken(0, 0.0, ("t",))
+        for n in range(30):
+            column = rng.choice(("id", "grp", None))
+            rows = None if column is None else {"t": (column, frozenset(rng.sample(range(8), rng.randint(1, 3))))}
+            columns = rng.choice((None, {"t": cols("a")}, {"t": cols("b")}))
+            for cache in (indexed, scanned):
+                assert cache.put(b"e%d" % n, b"r", ("t",), 60, token, columns, None, rows)
+        changed = {c: frozenset(rng.sample(range(8), rng.randint(0, 2))) for c in rng.choice((("id",), ("id", "grp")))}
+        columns_changed = rng.choice((None, {"t": cols("a")}))
+        scanned._unkeyed["t"] = set(scanned._index["t"])  # noqa: SLF001 - the same cache without the index
+        scanned._by_key.clear()  # noqa: SLF001
+        indexed.invalidate(["t"], "notify", columns_changed, {"t": changed})
+        scanned.invalidate(["t"], "notify", columns_changed, {"t": changed})
+        assert set(indexed._entries) == set(scanned._entries)  # noqa: SLF001
+        for n in range(30):  # removing what is left empties every index
+            indexed._entries.get(b"e%d" % n) and indexed._remove(b"e%d" % n, "")  # noqa: SLF001
+        assert not indexed._by_key and not indexed._unkeyed and not indexed._index  # noqa: SLF001
