@@ -387,7 +387,7 @@ class ResultCache:
     """Response bytes by key, bounded in bytes (LRU) and time (TTL), evicted by table writes."""
 
     __slots__ = ("max_bytes", "max_result_bytes", "max_tracked_tables", "_clock", "_entries", "_index",
-                 "_by_key", "_unkeyed",
+                 "_by_key", "_unkeyed", "_by_column", "_all_columns",
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
                  "_writing", "_writing_all", "_writing_unknown", "_writing_columns", "_column_invalidated_at",
                  "_any_invalidated_at", "_keyed_log", "_keyed_forgotten", "_writing_keyed", "_writing_values",
@@ -410,6 +410,11 @@ class ResultCache:
         # the values it names (with 100,000 entries of a table: a scan of them all took ~230 ms).
         self._by_key: dict[str, dict[str, dict[int, set[bytes]]]] = {}
         self._unkeyed: dict[str, set[bytes]] = {}
+        # ... and by the columns they read: per column, those that read it; and those that depend
+        # on every column of the table (an UPDATE's invalidation visits only the entries reading a
+        # column it set: a scan of 100,000 entries took ~155 ms)
+        self._by_column: dict[str, dict[str, set[bytes]]] = {}
+        self._all_columns: dict[str, set[bytes]] = {}
         self._bytes = 0
         self._sequence = 0  # taken by every invalidation, flush, pause and resume
         # table match key -> sequence of its last invalidation of every column, of its last
@@ -578,6 +583,13 @@ class ResultCache:
                 by_value = self._by_key.setdefault(match_key, {}).setdefault(row_key[0], {})
                 for value in row_key[1]:
                     by_value.setdefault(value, set()).add(key)
+            read = columns.get(match_key) if columns else None
+            if read is None:
+                self._all_columns.setdefault(match_key, set()).add(key)
+            else:
+                by_column = self._by_column.setdefault(match_key, {})
+                for column in read:
+                    by_column.setdefault(column, set()).add(key)
         self.stores += 1
         return True
 
@@ -775,15 +787,14 @@ class ResultCache:
                 if len(candidates) < len(found):  # the others read only rows the write did not change
                     self._spared["rows"] = self._spared.get("rows", 0) + len(found) - len(candidates)
                 found = candidates
+            if found and changed is not None:
+                candidates = self._column_candidates(match_key, changed) & found
+                if len(candidates) < len(found):  # the others read no column the write set
+                    self._spared["columns"] = self._spared.get("columns", 0) + len(found) - len(candidates)
+                found = candidates
             if found:
-                entries = self._entries
+                # Each of them read a row and a column the write changed (or every row, column).
                 for key in list(found):
-                    if changed is not None or changed_keys is not None:
-                        entry = entries[key]
-                        spared = _unaffected(match_key, entry.columns, entry.keys, changed, changed_keys)
-                        if spared:  # the write changed nothing this result depends on
-                            self._spared[spared] = self._spared.get(spared, 0) + 1
-                            continue
                     self._remove(key, "invalidation")
                     removed += 1
         if len(self._any_invalidated_at) > self.max_tracked_tables:
@@ -812,6 +823,18 @@ class ResultCache:
                         candidates |= keys
         return candidates
 
+    def _column_candidates(self, match_key: str, changed: frozenset[str]) -> set[bytes]:
+        """The entries reading ``match_key`` that depend on every column of it or read one of
+        ``changed``."""
+        candidates = set(self._all_columns.get(match_key, ()))
+        by_column = self._by_column.get(match_key)
+        if by_column:
+            for column in changed:
+                readers = by_column.get(column)
+                if readers:
+                    candidates |= readers
+        return candidates
+
     def flush(self, source: str = "flush") -> int:
         """Drop every entry and make every outstanding ReadToken stale; return how many."""
         self._check_source(source)
@@ -823,6 +846,8 @@ class ResultCache:
         self._index.clear()
         self._by_key.clear()
         self._unkeyed.clear()
+        self._by_column.clear()
+        self._all_columns.clear()
         self._bytes = 0
         self._forget_invalidations()
         self._bump_floor()
@@ -902,6 +927,24 @@ class ResultCache:
                         del by_column[row_key[0]]  # type: ignore[union-attr]
                         if not by_column:
                             del self._by_key[match_key]
+            read = entry.columns.get(match_key) if entry.columns else None
+            if read is None:
+                every = self._all_columns.get(match_key)
+                if every is not None:
+                    every.discard(key)
+                    if not every:
+                        del self._all_columns[match_key]
+            else:
+                readers_by_column = self._by_column.get(match_key)
+                if readers_by_column is not None:
+                    for column in read:
+                        readers = readers_by_column.get(column)
+                        if readers is not None:
+                            readers.discard(key)
+                            if not readers:
+                                del readers_by_column[column]
+                    if not readers_by_column:
+                        del self._by_column[match_key]
         if reason:
             self._evictions[reason] = self._evictions.get(reason, 0) + 1
 

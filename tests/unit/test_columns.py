@@ -412,28 +412,36 @@ def test_two_writes_naming_rows_add_up() -> None:
     assert not cache._writing_keyed and not cache._writing_values  # noqa: SLF001
 
 
-def test_a_keyed_invalidation_visits_only_the_entries_of_the_values_it_names() -> None:
-    """The entries keyed to other values are not even looked at (an index by key column and value):
-    what the scan of every entry of the table gave, for every mix of keyed and unkeyed entries."""
+def test_an_invalidation_visits_only_the_entries_it_may_affect() -> None:
+    """Entries are indexed by key value and by column read, so an invalidation visits only those
+    that read a row and a column it changed: it keeps exactly the entries the rule keeps
+    (``_unaffected``, entry by entry), for random mixes of entries and writes, and the indexes
+    empty out with the entries."""
     import random
 
+    from proxy.cache import _unaffected
+
     rng = random.Random(7)
-    for _ in range(200):
-        indexed, scanned = ResultCache(clock=lambda: 0.0), ResultCache(clock=lambda: 0.0)
+    for _ in range(300):
+        cache = ResultCache(clock=lambda: 0.0)
         token = ReadToken(0, 0.0, ("t",))
+        stored = {}
         for n in range(30):
             column = rng.choice(("id", "grp", None))
             rows = None if column is None else {"t": (column, frozenset(rng.sample(range(8), rng.randint(1, 3))))}
-            columns = rng.choice((None, {"t": cols("a")}, {"t": cols("b")}))
-            for cache in (indexed, scanned):
-                assert cache.put(b"e%d" % n, b"r", ("t",), 60, token, columns, None, rows)
-        changed = {c: frozenset(rng.sample(range(8), rng.randint(0, 2))) for c in rng.choice((("id",), ("id", "grp")))}
-        columns_changed = rng.choice((None, {"t": cols("a")}))
-        scanned._unkeyed["t"] = set(scanned._index["t"])  # noqa: SLF001 - the same cache without the index
-        scanned._by_key.clear()  # noqa: SLF001
-        indexed.invalidate(["t"], "notify", columns_changed, {"t": changed})
-        scanned.invalidate(["t"], "notify", columns_changed, {"t": changed})
-        assert set(indexed._entries) == set(scanned._entries)  # noqa: SLF001
-        for n in range(30):  # removing what is left empties every index
-            indexed._entries.get(b"e%d" % n) and indexed._remove(b"e%d" % n, "")  # noqa: SLF001
-        assert not indexed._by_key and not indexed._unkeyed and not indexed._index  # noqa: SLF001
+            columns = rng.choice((None, {"t": cols("a")}, {"t": cols("b")}, {"t": cols("a", "b")}, {"t": cols()},
+                                  {"u": cols("a")}))
+            assert cache.put(b"e%d" % n, b"r", ("t",), 60, token, columns, None, rows)
+            stored[b"e%d" % n] = (columns, rows)
+        changed_keys = rng.choice((None, {c: frozenset(rng.sample(range(8), rng.randint(0, 2)))
+                                          for c in rng.choice((("id",), ("id", "grp"), ("grp",)))}))
+        changed = rng.choice((None, cols("a"), cols("b"), cols("c")))
+        kept = {key for key, (columns, rows) in stored.items() if _unaffected("t", columns, rows, changed, changed_keys)}
+        cache.invalidate(["t"], "notify", None if changed is None else {"t": changed},
+                         None if changed_keys is None else {"t": changed_keys})
+        assert set(cache._entries) == kept  # noqa: SLF001
+        assert sum(cache.snapshot().spared.values()) == len(kept)
+        for key in kept:  # removing what is left empties every index
+            cache._remove(key, "")  # noqa: SLF001
+        assert not (cache._by_key or cache._unkeyed or cache._by_column or cache._all_columns  # noqa: SLF001
+                    or cache._index)  # noqa: SLF001
