@@ -95,7 +95,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 from .fingerprint import Fingerprint
 
@@ -899,51 +899,31 @@ class ResultCache:
     def _remove(self, key: bytes, reason: str) -> None:
         entry = self._entries.pop(key)
         self._bytes -= entry.size
-        index = self._index
         for match_key in entry.match_keys:
-            keys = index.get(match_key)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del index[match_key]
+            _discard(self._index, match_key, key)
             row_key = entry.keys.get(match_key) if entry.keys else None
             if row_key is None:
-                unkeyed = self._unkeyed.get(match_key)
-                if unkeyed is not None:
-                    unkeyed.discard(key)
-                    if not unkeyed:
-                        del self._unkeyed[match_key]
+                _discard(self._unkeyed, match_key, key)
             else:
-                by_column = self._by_key.get(match_key)
-                by_value = by_column.get(row_key[0]) if by_column else None
-                if by_value is not None:
-                    for value in row_key[1]:
-                        keyed = by_value.get(value)
-                        if keyed is not None:
-                            keyed.discard(key)
-                            if not keyed:
-                                del by_value[value]
-                    if not by_value:
-                        del by_column[row_key[0]]  # type: ignore[union-attr]
-                        if not by_column:
-                            del self._by_key[match_key]
+                by_key = self._by_key.get(match_key)
+                if by_key is not None:
+                    by_value = by_key.get(row_key[0])
+                    if by_value is not None:
+                        for value in row_key[1]:
+                            _discard(by_value, value, key)
+                        if not by_value:
+                            del by_key[row_key[0]]
+                    if not by_key:
+                        del self._by_key[match_key]
             read = entry.columns.get(match_key) if entry.columns else None
             if read is None:
-                every = self._all_columns.get(match_key)
-                if every is not None:
-                    every.discard(key)
-                    if not every:
-                        del self._all_columns[match_key]
+                _discard(self._all_columns, match_key, key)
             else:
-                readers_by_column = self._by_column.get(match_key)
-                if readers_by_column is not None:
+                by_column = self._by_column.get(match_key)
+                if by_column is not None:
                     for column in read:
-                        readers = readers_by_column.get(column)
-                        if readers is not None:
-                            readers.discard(key)
-                            if not readers:
-                                del readers_by_column[column]
-                    if not readers_by_column:
+                        _discard(by_column, column, key)
+                    if not by_column:
                         del self._by_column[match_key]
         if reason:
             self._evictions[reason] = self._evictions.get(reason, 0) + 1
@@ -967,6 +947,15 @@ class ResultCache:
         if source not in INVALIDATION_SOURCES:
             raise ValueError(f"invalidation source must be one of {', '.join(INVALIDATION_SOURCES)}, "
                              f"got {source!r}")
+
+
+def _discard(sets: dict[Any, set[bytes]], name: Any, key: bytes) -> None:
+    """Take ``key`` out of ``sets[name]``, and the set out of ``sets`` once empty."""
+    found = sets.get(name)
+    if found is not None:
+        found.discard(key)
+        if not found:
+            del sets[name]
 
 
 def _release(counts: dict[str, int], key: str) -> None:
