@@ -210,8 +210,8 @@ class Bind:
 
     __slots__ = ("body", "pos", "types")
 
-    def __init__(self, body: bytes, pos: int, parse: bytes | None) -> None:
-        self.body = body  # the message (or its body)
+    def __init__(self, body: bytes | bytearray, pos: int, parse: bytes | None) -> None:
+        self.body = body  # the message (or a buffer holding it)
         self.pos = pos  # where its parameter format count is
         self.types = parse  # the statement's Parse message after its name (text, types), if known
 
@@ -318,6 +318,7 @@ class CacheFront:
         # ... and of UPDATEs (proxy.columns.write_keys)
         self._write_shapes: dict[tuple[str, str], bool] = {}
         self._write_plain: dict[bytes, tuple[str, str, tuple[KeyValue, ...]] | None] = {}
+        self._write_texts: dict[bytes, tuple[str, str, tuple[KeyValue, ...]] | None] = {}  # by exact text
 
     # ------------------------------------------------------------------ monitors
     def monitor_for(self, database: str, endpoint: Endpoint) -> InvalidationMonitor:
@@ -467,12 +468,13 @@ class CacheFront:
                          fill.fingerprint, fill.keys)
 
     # ------------------------------------------------------------------ writes
-    def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None
+    def classify(self, sql: bytes, encoding: str, monitor: InvalidationMonitor | None, bind: Bind | None = None
                  ) -> tuple[int, set[str], bool, dict[str, frozenset[str]] | None, dict[str, RowKey] | None]:
         """What ``sql`` does to cached results: (READ|WRITE|FLUSH|ROLLBACK|CHAIN, match keys of the
         tables written, whether it is DDL, and for an UPDATE of a column-safe table the columns it
         sets: {match key: columns}, else None, and the rows it changes: {match key: (key column,
-        values)} when its WHERE names them, see ``proxy.columns.write_keys``). Writes are expanded with the tables
+        values)} when its WHERE names them, see ``proxy.columns.write_keys``; ``bind``: the Bind
+        that runs it, for its parameters). Writes are expanded with the tables
         their foreign-key actions change (per table; an UPDATE or INSERT only by ON UPDATE
         actions); a write through a view or to a table with the application's AFTER triggers may
         reach tables no one can name: FLUSH."""
@@ -492,14 +494,15 @@ class CacheFront:
                 if found is not None and found[0] in monitor.column_safe and found[0] in keys:
                     columns = {found[0]: found[1]}
             if self.row_invalidation:
-                rows = self._write_rows(fp, sql, encoding)
+                rows = self._write_rows(fp, sql, encoding, bind)
                 if rows is not None and not all(table in monitor.column_safe and table in keys for table in rows):
                     rows = None
         return WRITE, keys, ddl, columns, rows
 
-    def _write_rows(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, RowKey] | None:
-        """The rows an UPDATE changes, when its WHERE names them by literals (see ``_read_keys``
-        for how a plain text's numbers are read)."""
+    def _write_rows(self, fp: Fingerprint, sql: bytes, encoding: str, bind: Bind | None = None
+                    ) -> dict[str, RowKey] | None:
+        """The rows an UPDATE changes, when its WHERE names them by literals or by parameters of
+        ``bind`` (see ``_read_keys`` for how a plain text's numbers are read)."""
         if not _memoised(self._write_shapes, _has_write_keys, fp, sql, encoding):
             return None
         numbers = plain_numbers(sql)
@@ -512,17 +515,26 @@ class CacheFront:
                 if len(self._write_plain) >= _COLUMN_MEMO:
                     self._write_plain.clear()
                 self._write_plain[shape] = found
+        elif sql in self._write_texts:
+            found = self._write_texts[sql]
         else:
             found = write_keys(decode_sql(sql, encoding))
+            if len(self._write_texts) >= _COLUMN_MEMO:
+                self._write_texts.clear()
+            self._write_texts[sql] = found
         if found is None:
             return None
         table, column, values = found
         resolved: set[int] = set()
         for value in values:
-            number = value if isinstance(value, int) else (
-                _plain_integer(numbers, int(value[1:])) if numbers is not None else None)
+            if isinstance(value, int):
+                number: int | None = value
+            elif numbers is not None:
+                number = _plain_integer(numbers, int(value[1:]))
+            else:
+                number = None if bind is None else bind.integer(int(value[1:]))
             if number is None:
-                return None  # a bind parameter: its value is not at hand here
+                return None
             resolved.add(number)
         return {table: (column, frozenset(resolved))}
 

@@ -217,6 +217,7 @@ class ClientSession(asyncio.Protocol):
         self._segment_start = 0.0
         self._executed = False
         self._unnamed_sql = b""  # text of the unnamed statement, for a Bind without its Parse
+        self._unnamed_parse: bytes | None = None  # ... and its Parse after the name (cache only)
         self._waited = 0.0  # seconds the next statement waited for a server connection
         self._sqlstate: str | None = None
         self._scope: Scope | None = None  # this session's (database, user) counters
@@ -779,7 +780,13 @@ class ClientSession(asyncio.Protocol):
                         if server.txn != _IDLE:
                             front.cache.record_bypass("in_transaction")
                         if self._fill is None:
-                            self._classify(text, bool(pending))
+                            if p2 > p1 + 1:
+                                known = self.statements.get(bytes(buf[p1 + 1 : p2]))
+                                parse = known[1] if known else None
+                            else:
+                                parse = self._unnamed_parse
+                            # (the live buffer: read at once, by the classification)
+                            self._classify(text, bool(pending), Bind(buf, p2 + 1, parse))
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -813,6 +820,8 @@ class ClientSession(asyncio.Protocol):
                     self._unhinted = False
                 if nul == pos + 5:
                     self._unnamed_sql = sql  # what a later Bind of the unnamed statement runs
+                    if front is not None:
+                        self._unnamed_parse = bytes(buf[nul + 1 : end])  # its parameter types too
                 if nul > pos + 5:
                     name = bytes(buf[pos + 5 : nul])
                     rest = bytes(buf[nul + 1 : end])
@@ -1101,8 +1110,9 @@ class ClientSession(asyncio.Protocol):
                     binds += 1
                     name = bytes(data[p1 + 1 : p2])
                     known = statements.get(name)
+                    earlier = known[1] if known else (self._unnamed_parse if not name else None)
                     bind = Bind(bytes(data[pos:end]), p2 + 1 - pos,
-                                next((r for n_, r, _ in reversed(parses) if n_ == name), known[1] if known else None))
+                                next((r for n_, r, _ in reversed(parses) if n_ == name), earlier))
                 elif t == _D:
                     if data[pos + 5] == _S:
                         parts.append(b"DS" + self._text_of(bytes(data[pos + 6 : end - 1]), parsed))
@@ -1146,10 +1156,11 @@ class ClientSession(asyncio.Protocol):
         sql = parsed.get(name)
         return self._statement_text(name) if sql is None else sql
 
-    def _classify(self, sql: bytes, behind: bool) -> None:
+    def _classify(self, sql: bytes, behind: bool, bind: Bind | None = None) -> None:
         """Note what a statement of the open transaction writes, for invalidation at commit.
 
-        ``behind``: requests sent before this one are still unanswered (pipelined)."""
+        ``behind``: requests sent before this one are still unanswered (pipelined). ``bind``:
+        the Bind message that runs it (extended protocol)."""
         front = self._front
         assert front is not None
         if not front.fills:
@@ -1157,7 +1168,8 @@ class ClientSession(asyncio.Protocol):
             # by the time this transaction commits, it flushes (see _commit).
             self._unnoted = True
             return
-        action, keys, ddl, columns, rows = front.classify(sql, self._encoding, front.monitors.get(self.database))
+        action, keys, ddl, columns, rows = front.classify(sql, self._encoding, front.monitors.get(self.database),
+                                                          bind)
         if ddl:
             self._ddl = True
         if _REPLICA_ROLE.search(sql) is not None:

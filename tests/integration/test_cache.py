@@ -873,6 +873,15 @@ def test_an_open_transaction_hides_only_the_rows_its_where_names(proxy_factory: 
         assert _delta(before, counters(proxy)) == {"hits": 1, "misses": 1, "rejected.write_in_flight": 1}
         _notified(proxy, lambda: writer.execute("commit"))
         assert (one(conn, row1), one(conn, row2)) == ("a", "b2")
+        # The same through the extended protocol: the row's key is a bind parameter (text, then
+        # psycopg's binary int, %b).
+        for mark, value in (("%s", "b3"), ("%b", "b4")):
+            writer.execute("begin")
+            writer.execute(f"update {t} set v = %s where id = {mark}", (value, 2))
+            before = counters(proxy)
+            assert one(conn, row1) == "a"
+            assert _delta(before, counters(proxy)) == {"hits": 1}, mark
+            _notified(proxy, lambda: writer.execute("commit"))
 
 
 def test_asyncpg_binary_parameters_pin_the_rows_read(proxy_factory: Any, server: Server) -> None:
