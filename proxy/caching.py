@@ -69,7 +69,7 @@ from .cache import (
     decide,
     table_match_key,
 )
-from .columns import KeyValue, read_columns, read_keys, update_columns, write_keys
+from .columns import KeyValue, integer_text, read_columns, read_keys, update_columns, write_keys
 from .fingerprint import decode_sql, numbered, plain_numbers, text_shape
 from .invalidation import InvalidationMonitor
 
@@ -186,7 +186,6 @@ def volatile_params(bind: bytes, pos: int) -> bool:
 
 
 _INT_TYPES = {0: (2, 4, 8), 21: (2,), 23: (4,), 20: (8,)}  # parameter type OID -> binary lengths
-_INTEGER_TEXT = re.compile(rb"\s*[+-]?[0-9]+\s*\Z")
 
 
 def _has_keys(text: str) -> bool:
@@ -242,7 +241,7 @@ class Bind:
                 return None  # NULL
             value = body[pos + 4 : pos + 4 + length]
             if fmt == 0:
-                return int(value) if _INTEGER_TEXT.match(value) else None
+                return integer_text(bytes(value).decode("latin-1"))
             oid = self._type(number)
             if oid is None or length not in _INT_TYPES.get(oid, ()):
                 return None

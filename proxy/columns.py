@@ -57,7 +57,7 @@ def _name(field: dict[str, Any]) -> str | None:
 class _Walk:
     """One pass over a SELECT's parse tree: table aliases, other aliases, column references."""
 
-    __slots__ = ("aliases", "ctes", "everything", "others", "refs", "tables", "using")
+    __slots__ = ("aliases", "ctes", "everything", "named", "others", "refs", "tables", "using")
 
     def __init__(self) -> None:
         self.aliases: dict[str, set[str]] = {}  # alias or table name -> match keys of tables
@@ -67,6 +67,7 @@ class _Walk:
         self.using: set[str] = set()
         self.everything = False  # NATURAL join: no column knowledge at all
         self.tables: dict[str, bool] = {}  # match key -> depends on all columns (column aliases)
+        self.named: dict[str, int] = {}  # match key -> RangeVars naming it, anywhere in the statement
 
     def visit(self, node: Any) -> None:
         stack = [node]
@@ -102,6 +103,7 @@ class _Walk:
 
     def _range_var(self, var: dict[str, Any]) -> None:
         key = table_match_key(var.get("relname", ""))
+        self.named[key] = self.named.get(key, 0) + 1
         alias = var.get("alias") or {}
         all_columns = bool(alias.get("colnames"))  # FROM t AS a(x, y): x is whichever column
         self.tables[key] = self.tables.get(key, False) or all_columns
@@ -213,6 +215,12 @@ _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*\Z")
 KeyValue = int | str
 
 
+def integer_text(text: str) -> int | None:
+    """The integer a text holds and nothing else (PostgreSQL's int input, without the
+    underscores and hexadecimal of version 16: those are not trusted), else None."""
+    return int(text) if _INTEGER.match(text) else None
+
+
 def _integer(node: Any) -> KeyValue | None:
     """The key value of one operand: an integer constant, a string constant holding one, $n."""
     if not isinstance(node, dict):
@@ -222,11 +230,7 @@ def _integer(node: Any) -> KeyValue | None:
         if "ival" in const:
             return int(const["ival"].get("ival", 0))  # protobuf JSON omits a 0
         sval = const.get("sval")
-        if sval is not None:
-            text = str(sval.get("sval", ""))
-            if _INTEGER.match(text):
-                return int(text)
-        return None
+        return None if sval is None else integer_text(str(sval.get("sval", "")))
     param = node.get("ParamRef")
     if param is not None and isinstance(param.get("number"), int):
         return f"${param['number']}"
@@ -281,23 +285,8 @@ def read_keys(sql: str) -> dict[str, tuple[str, tuple[KeyValue, ...]]]:
         return {}
     walk = _Walk()
     walk.visit(statements[0])
-    if walk.ctes:
-        ctes = {table_match_key(name) for name in walk.ctes}
-    else:
-        ctes = set()
-    named: dict[str, int] = {}
-    stack: list[Any] = [statements[0]]
-    while stack:  # how many times each table is named anywhere in the statement
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            for key, value in item.items():
-                if key == "RangeVar":
-                    match = table_match_key(value.get("relname", ""))
-                    named[match] = named.get(match, 0) + 1
-                elif isinstance(value, (dict, list)):
-                    stack.append(value)
+    ctes = {table_match_key(name) for name in walk.ctes}
+    named = walk.named
     aliases: dict[str, str] = {}
     items: list[str] = []
     _top_from(select.get("fromClause", []), aliases, items)
