@@ -70,7 +70,7 @@ from .cache import (
     table_match_key,
 )
 from .columns import KeyValue, integer_text, read_columns, read_keys, update_columns, write_keys
-from .fingerprint import decode_sql, numbered, plain_numbers, text_shape
+from .fingerprint import decode_sql, numbered, plain_numbers
 from .invalidation import InvalidationMonitor
 
 if TYPE_CHECKING:
@@ -202,6 +202,47 @@ def _plain_integer(numbers: list[bytes], number: int) -> int | None:
         return None
     text = numbers[number - 1]
     return int(text) if text.isdigit() else None
+
+
+def _keys_by_text(compute: Callable[[str], T], plain: dict[bytes, T], texts: dict[bytes, T], sql: bytes,
+                  encoding: str) -> tuple[T, list[bytes] | None]:
+    """``compute`` (``read_keys`` or ``write_keys``) of ``sql``, and a plain text's numbers.
+
+    A text with only numbers for literals (no quote, ``$``, comment or backslash: what an app
+    interpolating ids sends) is read by its shape: its numbers, in order, become ``$1``, ``$2``
+    ... once per shape (memo ``plain``), and a text of that shape takes the values of its own
+    numbers (``_resolve``: one regex pass, no parse). Any other text is computed once per exact
+    text (memo ``texts``: parameter texts repeat). Each memo is cleared when it holds _COLUMN_MEMO."""
+    shaped = plain_numbers(sql)
+    if shaped is not None:
+        memo, memo_key, text = plain, shaped[0], numbered(sql)
+    else:
+        memo, memo_key, text = texts, sql, sql
+    if memo_key in memo:
+        found = memo[memo_key]
+    else:
+        found = compute(decode_sql(text, encoding))
+        if len(memo) >= _COLUMN_MEMO:
+            memo.clear()
+        memo[memo_key] = found
+    return found, None if shaped is None else shaped[1]
+
+
+def _resolve(values: tuple[KeyValue, ...], numbers: list[bytes] | None, bind: Bind | None) -> frozenset[int] | None:
+    """Key values as integers: literals as they are, ``$n`` the n-th number of a plain text or
+    parameter n of ``bind``; None when one is not plainly an integer."""
+    resolved: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            number: int | None = value
+        elif numbers is not None:
+            number = _plain_integer(numbers, int(value[1:]))
+        else:
+            number = None if bind is None else bind.integer(int(value[1:]))
+        if number is None:
+            return None
+        resolved.add(number)
+    return frozenset(resolved)
 
 
 class Bind:
@@ -402,48 +443,16 @@ class CacheFront:
 
     def _read_keys(self, fp: Fingerprint, sql: bytes, encoding: str, keyed: frozenset[str],
                    bind: Bind | None) -> dict[str, RowKey] | None:
-        """Per keyed table, (column, values): the only rows of it the result depends on.
-
-        A text with only numbers for literals (no quote, ``$``, comment or backslash: what an app
-        interpolating ids sends) is read by its shape: its numbers, in order, become ``$1``,
-        ``$2`` ... once per shape (``read_keys`` of that text, memoised), and a text of the shape
-        takes its key values from its own numbers (one regex pass, no parse). Any other text is
-        parsed (``read_keys``, memoised by exact text: parameter texts repeat)."""
+        """Per keyed table, (column, values): the only rows of it the result depends on."""
         if not _memoised(self._key_shapes, _has_keys, fp, sql, encoding):
             return None
-        numbers = plain_numbers(sql)
-        if numbers is not None:
-            shape = text_shape(sql)
-            found = self._key_plain.get(shape)
-            if found is None:
-                found = read_keys(decode_sql(numbered(sql), encoding))
-                if len(self._key_plain) >= _COLUMN_MEMO:
-                    self._key_plain.clear()
-                self._key_plain[shape] = found
-        else:
-            found = self._key_texts.get(sql)
-            if found is None:
-                found = read_keys(decode_sql(sql, encoding))
-                if len(self._key_texts) >= _COLUMN_MEMO:
-                    self._key_texts.clear()
-                self._key_texts[sql] = found
+        found, numbers = _keys_by_text(read_keys, self._key_plain, self._key_texts, sql, encoding)
         keys: dict[str, RowKey] = {}
         for table, (column, values) in found.items():
-            if table not in keyed:
-                continue
-            resolved: set[int] = set()
-            for value in values:
-                if isinstance(value, int):
-                    number: int | None = value
-                elif numbers is not None:
-                    number = _plain_integer(numbers, int(value[1:]))
-                else:
-                    number = None if bind is None else bind.integer(int(value[1:]))
-                if number is None:
-                    break
-                resolved.add(number)
-            else:
-                keys[table] = (column, frozenset(resolved))
+            if table in keyed:
+                resolved = _resolve(values, numbers, bind)
+                if resolved is not None:
+                    keys[table] = (column, resolved)
         return keys or None
 
     def _read_columns(self, fp: Fingerprint, sql: bytes, encoding: str) -> dict[str, frozenset[str]] | None:
@@ -501,41 +510,15 @@ class CacheFront:
     def _write_rows(self, fp: Fingerprint, sql: bytes, encoding: str, bind: Bind | None = None
                     ) -> dict[str, RowKey] | None:
         """The rows an UPDATE changes, when its WHERE names them by literals or by parameters of
-        ``bind`` (see ``_read_keys`` for how a plain text's numbers are read)."""
+        ``bind``."""
         if not _memoised(self._write_shapes, _has_write_keys, fp, sql, encoding):
             return None
-        numbers = plain_numbers(sql)
-        if numbers is not None:
-            shape = text_shape(sql)
-            if shape in self._write_plain:
-                found = self._write_plain[shape]
-            else:
-                found = write_keys(decode_sql(numbered(sql), encoding))
-                if len(self._write_plain) >= _COLUMN_MEMO:
-                    self._write_plain.clear()
-                self._write_plain[shape] = found
-        elif sql in self._write_texts:
-            found = self._write_texts[sql]
-        else:
-            found = write_keys(decode_sql(sql, encoding))
-            if len(self._write_texts) >= _COLUMN_MEMO:
-                self._write_texts.clear()
-            self._write_texts[sql] = found
+        found, numbers = _keys_by_text(write_keys, self._write_plain, self._write_texts, sql, encoding)
         if found is None:
             return None
         table, column, values = found
-        resolved: set[int] = set()
-        for value in values:
-            if isinstance(value, int):
-                number: int | None = value
-            elif numbers is not None:
-                number = _plain_integer(numbers, int(value[1:]))
-            else:
-                number = None if bind is None else bind.integer(int(value[1:]))
-            if number is None:
-                return None
-            resolved.add(number)
-        return {table: (column, frozenset(resolved))}
+        resolved = _resolve(values, numbers, bind)
+        return None if resolved is None else {table: (column, resolved)}
 
     @staticmethod
     def _action(fp: Fingerprint, monitor: InvalidationMonitor | None) -> tuple[int, tuple[str, ...]]:

@@ -427,12 +427,12 @@ def text_shape(sql: bytes) -> bytes:
     return _SHAPE.sub(_shape_token, sql)
 
 
-def plain_numbers(sql: bytes) -> list[bytes] | None:
-    """The numbers of a plain text (no quote, ``$``, comment, ``-``, ``/`` or backslash: what
-    ``text_shape`` replaces with ``?``), in order; None for any other text."""
+def plain_numbers(sql: bytes) -> tuple[bytes, list[bytes]] | None:
+    """A plain text's ``text_shape`` and its numbers in order (no quote, ``$``, comment, ``-``,
+    ``/`` or backslash: its numbers are all the shape replaces); None for any other text."""
     if len(sql.translate(None, _NOT_PLAIN)) != len(sql):
         return None
-    return _NUMBERS.findall(sql)
+    return _NUMBERS.sub(b"?", sql), _NUMBERS.findall(sql)
 
 
 def numbered(sql: bytes) -> bytes:
