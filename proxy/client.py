@@ -780,13 +780,16 @@ class ClientSession(asyncio.Protocol):
                         if server.txn != _IDLE:
                             front.cache.record_bypass("in_transaction")
                         if self._fill is None:
-                            if p2 > p1 + 1:
-                                known = self.statements.get(bytes(buf[p1 + 1 : p2]))
-                                parse = known[1] if known else None
-                            else:
-                                parse = self._unnamed_parse
-                            # (the live buffer: read at once, by the classification)
-                            self._classify(text, bool(pending), Bind(buf, p2 + 1, parse))
+                            bind = None
+                            if front.fills:  # else nothing is classified (see _classify)
+                                if p2 > p1 + 1:
+                                    known = self.statements.get(bytes(buf[p1 + 1 : p2]))
+                                    parse = known[1] if known else None
+                                else:
+                                    parse = self._unnamed_parse
+                                # (the live buffer: read at once, by the classification)
+                                bind = Bind(buf, p2 + 1, parse)
+                            self._classify(text, bool(pending), bind)
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -820,8 +823,8 @@ class ClientSession(asyncio.Protocol):
                     self._unhinted = False
                 if nul == pos + 5:
                     self._unnamed_sql = sql  # what a later Bind of the unnamed statement runs
-                    if front is not None:
-                        self._unnamed_parse = bytes(buf[nul + 1 : end])  # its parameter types too
+                    if front is not None and front.fills:  # its parameter types, once the cache is used
+                        self._unnamed_parse = bytes(buf[nul + 1 : end])
                 if nul > pos + 5:
                     name = bytes(buf[pos + 5 : nul])
                     rest = bytes(buf[nul + 1 : end])
