@@ -580,16 +580,12 @@ class ResultCache:
             if row_key is None:
                 self._unkeyed.setdefault(match_key, set()).add(key)
             else:
-                by_value = self._by_key.setdefault(match_key, {}).setdefault(row_key[0], {})
-                for value in row_key[1]:
-                    by_value.setdefault(value, set()).add(key)
+                _add_under(self._by_key.setdefault(match_key, {}), row_key[0], row_key[1], key)
             read = columns.get(match_key) if columns else None
             if read is None:
                 self._all_columns.setdefault(match_key, set()).add(key)
             else:
-                by_column = self._by_column.setdefault(match_key, {})
-                for column in read:
-                    by_column.setdefault(column, set()).add(key)
+                _add_under(self._by_column, match_key, read, key)
         self.stores += 1
         return True
 
@@ -613,7 +609,7 @@ class ResultCache:
             marks = WriteMarks()
         held = marks.tables
         for match_key in {table_match_key(table) for table in tables}:
-            self._mark_rows(marks, match_key, rows.get(match_key) if rows else None, match_key not in held)
+            self._mark_rows(marks, match_key, rows.get(match_key) if rows else None)
             if match_key in held:
                 marked = held[match_key]
                 if marked is None:
@@ -634,10 +630,11 @@ class ResultCache:
                         counts[column] = counts.get(column, 0) + 1
         return marks
 
-    def _mark_rows(self, marks: WriteMarks, match_key: str, key: RowKey | None, first: bool) -> None:
-        """Add one write's rows of ``match_key`` to ``marks`` and to the counts of rows being written."""
+    def _mark_rows(self, marks: WriteMarks, match_key: str, key: RowKey | None) -> None:
+        """Add one write's rows of ``match_key`` to ``marks`` and to the counts of rows being
+        written (before the write marks the table itself)."""
         held = marks.rows.get(match_key)
-        if held is None and not first:
+        if held is None and match_key in marks.tables:
             return  # an earlier write of it changed rows no one can name
         keyed, values = self._writing_keyed, self._writing_values
         if key is not None and (held is None or held[0] == key[0]):
@@ -907,24 +904,14 @@ class ResultCache:
             else:
                 by_key = self._by_key.get(match_key)
                 if by_key is not None:
-                    by_value = by_key.get(row_key[0])
-                    if by_value is not None:
-                        for value in row_key[1]:
-                            _discard(by_value, value, key)
-                        if not by_value:
-                            del by_key[row_key[0]]
+                    _discard_under(by_key, row_key[0], row_key[1], key)
                     if not by_key:
                         del self._by_key[match_key]
             read = entry.columns.get(match_key) if entry.columns else None
             if read is None:
                 _discard(self._all_columns, match_key, key)
             else:
-                by_column = self._by_column.get(match_key)
-                if by_column is not None:
-                    for column in read:
-                        _discard(by_column, column, key)
-                    if not by_column:
-                        del self._by_column[match_key]
+                _discard_under(self._by_column, match_key, read, key)
         if reason:
             self._evictions[reason] = self._evictions.get(reason, 0) + 1
 
@@ -956,6 +943,23 @@ def _discard(sets: dict[Any, set[bytes]], name: Any, key: bytes) -> None:
         found.discard(key)
         if not found:
             del sets[name]
+
+
+def _add_under(index: dict[Any, dict[Any, set[bytes]]], name: Any, inner: Iterable[Any], key: bytes) -> None:
+    """Put ``key`` in ``index[name][n]`` for each ``n`` of ``inner``."""
+    sets = index.setdefault(name, {})
+    for each in inner:
+        sets.setdefault(each, set()).add(key)
+
+
+def _discard_under(index: dict[Any, dict[Any, set[bytes]]], name: Any, inner: Iterable[Any], key: bytes) -> None:
+    """Undo ``_add_under``: empty sets and dicts are dropped."""
+    sets = index.get(name)
+    if sets is not None:
+        for each in inner:
+            _discard(sets, each, key)
+        if not sets:
+            del index[name]
 
 
 def _release(counts: dict[str, int], key: str) -> None:
