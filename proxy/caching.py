@@ -366,8 +366,7 @@ class CacheFront:
         if monitor is None:
             monitor = self.monitors[database] = InvalidationMonitor(
                 self.cache, endpoint, self.settings.catalog_refresh_s,
-                column_invalidation=self.column_invalidation)
-            monitor.row_invalidation = self.row_invalidation
+                column_invalidation=self.column_invalidation, row_invalidation=self.row_invalidation)
             monitor.start()
         return monitor
 

@@ -62,7 +62,7 @@ import json
 import logging
 import re
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .cache import ResultCache, WriteMarks, table_match_key
 from .protocol import quote_ident, quote_literal
@@ -345,6 +345,15 @@ def trigger_sql(schema: str, table: str) -> str:
             f"{columns}")
 
 
+def install_statements(schema: str, tables: Iterable[str]) -> list[str]:
+    """The statements, one by one, that put the notify functions and the cache's triggers on
+    ``tables`` of ``schema`` (what Alembic migrations execute)."""
+    statements = [FUNCTION_SQL]
+    for table in tables:
+        statements += trigger_sql(schema, table).split("; ")
+    return statements
+
+
 def drop_trigger_sql(schema: str, table: str) -> str:
     """Statements (separated by "; ") that remove the cache's triggers from one table."""
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
@@ -563,7 +572,7 @@ class InvalidationMonitor(ListenLoop):
     FAILED_EVENT = "cache_listen_failed"
 
     def __init__(self, cache: ResultCache, endpoint: Endpoint, refresh_s: float = 30.0, *,
-                 column_invalidation: bool = True) -> None:
+                 column_invalidation: bool = True, row_invalidation: bool = True) -> None:
         self.cache = cache
         self.column_invalidation = column_invalidation  # else every notification evicts per table
         self.endpoint = endpoint
@@ -593,7 +602,7 @@ class InvalidationMonitor(ListenLoop):
         self._lost = asyncio.Event()
         self._conn: Any = None
         # Writes through the proxy, fenced (see ``commit_fenced``)
-        self.row_invalidation = True  # else notifications' row keys are ignored
+        self.row_invalidation = row_invalidation  # else notifications' row keys are ignored, no fences
         self.fences = 0
         self.fence_fallbacks = 0  # committed writes some table of which no trigger notified
         self._watches: dict[int, list[Watch]] = {}

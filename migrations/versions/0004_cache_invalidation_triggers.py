@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from proxy.invalidation import FUNCTION, FUNCTION_SQL, MARK_FUNCTION, ROWS_FUNCTION, drop_trigger_sql, trigger_sql
+from proxy.invalidation import FUNCTION, MARK_FUNCTION, ROWS_FUNCTION, drop_trigger_sql, install_statements
 
 revision = "0004"
 down_revision = "0003"
@@ -24,10 +24,8 @@ TABLES = ("users", "companies", "resumes", "jobs", "matches", "predictions")
 
 
 def upgrade() -> None:
-    op.execute(FUNCTION_SQL)
-    for table in TABLES:
-        for statement in trigger_sql("public", table).split("; "):
-            op.execute(statement)
+    for statement in install_statements("public", TABLES):
+        op.execute(statement)
 
 
 def downgrade() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from proxy.invalidation import FUNCTION_SQL, trigger_sql
+from proxy.invalidation import install_statements
 
 revision = "0006"
 down_revision = "0005"
@@ -28,10 +28,8 @@ TABLES = ("users", "companies", "resumes", "jobs", "matches", "predictions")
 
 
 def upgrade() -> None:
-    op.execute(FUNCTION_SQL)
-    for table in TABLES:
-        for statement in trigger_sql("public", table).split("; "):
-            op.execute(statement)
+    for statement in install_statements("public", TABLES):
+        op.execute(statement)
 
 
 def downgrade() -> None:
