@@ -745,8 +745,11 @@ class InvalidationMonitor(ListenLoop):
         keyed = self.keyed
         if not all(key in keyed for key in marks.tables):
             return False  # a notification would name no rows: evicting now is as precise
-        if not any(map(self.cache.holds, marks.tables)):
-            return False  # no stored result read them: nothing to spare, evicting now is as precise
+        if not watch.tables and not any(map(self.cache.holds, marks.tables)):
+            # No stored result read them: nothing to spare, evicting now is as precise. (Not when
+            # a notification of that backend is in already: it may have evicted them itself, and
+            # the fence then keeps one invalidation per write instead of two.)
+            return False
         self._fenced.append((marks, watch))
         if self._fence_task is None:
             # A task of its own, started at once: under load every hop through the event loop
