@@ -205,8 +205,9 @@ class ClientSession(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._acquiring: asyncio.Task[None] | None = None
-        self._queued: asyncio.TimerHandle | None = None  # waiting in the pool's queue
-        self._queued_at = 0.0
+        self._queued = False  # waiting in the pool's queue (see Pool.enqueue)
+        self.queued_at = 0.0
+        self._held = False  # reading paused while a long input waits for a server
         self._server_paused = False
         # ---- statement measurement (issue 3): one entry per request that ends in ReadyForQuery
         self.stats = listener.stats
@@ -253,7 +254,7 @@ class ClientSession(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
-        if self.relay and not self.buf and self._acquiring is None and self._queued is None:
+        if self.relay and not self.buf and self._acquiring is None and not self._queued:
             # Fast path: nothing buffered, and the first message is complete (a server is
             # never held for a message still arriving): relay straight from ``data``.
             n = len(data)
@@ -316,9 +317,8 @@ class ClientSession(asyncio.Protocol):
             self._task.cancel()
         if self._acquiring is not None and not self._acquiring.done():
             self._acquiring.cancel()
-        if self._queued is not None:
-            self._queued.cancel()
-            self._queued = None
+        if self._queued:
+            self._queued = False
             if self.pool is not None:
                 self.pool.dequeue(self)
         server = self.server
@@ -538,12 +538,12 @@ class ClientSession(asyncio.Protocol):
                 return
             if self._looked_up:
                 self._looked_up = False
-            elif (kind == b"Q" and self._front is not None and self._acquiring is None and self._queued is None
+            elif (kind == b"Q" and self._front is not None and self._acquiring is None and not self._queued
                     and not self.closed and self._from_cache(buf, length + 1, len(buf))):
                 del buf[: length + 1]  # answered from the cache: on to the next message
                 continue
             break
-        if self._acquiring is None and self._queued is None:
+        if self._acquiring is None and not self._queued:
             pool = self.pool
             assert pool is not None
             server = pool.try_acquire()
@@ -551,46 +551,49 @@ class ClientSession(asyncio.Protocol):
                 self._attached(server)
                 return
             if len(buf) > _PAUSE_BUFFER and self.transport is not None:
+                self._held = True
                 self.transport.pause_reading()
             if pool.full() and not pool.idle:
                 # Wait in the pool's queue: release() hands a server over synchronously.
-                self._queued_at = time.monotonic()
-                self._queued = asyncio.get_running_loop().call_later(
-                    pool.settings.checkout_timeout, self._queue_timeout
-                )
+                self.queued_at = time.monotonic()
+                self._queued = True
                 pool.enqueue(self)
                 return
             self._acquiring = asyncio.get_running_loop().create_task(self._attach())
 
-    def grant(self, server: ServerConnection) -> bool:
-        """Called by Pool.release for a queued client: take this server (False: no longer wanted)."""
-        if self._queued is None or self.closed:
+    def grant(self, server: ServerConnection, now: float) -> bool:
+        """Called by Pool.release, at ``now``, for a queued client: take this server (False: no
+        longer wanted)."""
+        if not self._queued or self.closed:
             return False
-        self._queued.cancel()
-        self._queued = None
-        self._waited = time.monotonic() - self._queued_at
-        self.pool.checkout_waited(self._waited)  # type: ignore[union-attr]
-        if self.transport is not None:
-            self.transport.resume_reading()
+        self._queued = False
+        self._waited = waited = now - self.queued_at
+        self.pool.checkout_waited(waited)  # type: ignore[union-attr]
+        if self._held:
+            self._resume_held()
         self._attached(server)
         return True
 
+    def _resume_held(self) -> None:
+        self._held = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
     def retry(self) -> bool:
         """Called by the pool when capacity freed up: open a connection on the async path."""
-        if self._queued is None or self.closed:
+        if not self._queued or self.closed:
             return False
-        self._queued.cancel()
-        self._queued = None
+        self._queued = False
         self._acquiring = asyncio.get_running_loop().create_task(self._attach())
         return True
 
-    def _queue_timeout(self) -> None:
+    def queue_timeout(self) -> None:
+        """Called by the pool, which took this client off its queue: it waited too long."""
         pool = self.pool
         assert pool is not None
-        self._queued = None
-        pool.dequeue(self)
+        self._queued = False
         pool.checkout_timeouts += 1
-        self._waited = time.monotonic() - self._queued_at
+        self._waited = time.monotonic() - self.queued_at
         waited_ms = self._waited * 1000
         s = pool.settings
         self._reject_pending_input(ProxyError.checkout_timeout(pool.name, waited_ms, s.size, s.max_overflow))
@@ -614,8 +617,7 @@ class ClientSession(asyncio.Protocol):
         if self.closed:
             pool.release(server)
             return
-        if self.transport is not None:
-            self.transport.resume_reading()
+        self._resume_held()
         self._attached(server)
 
     def _attached(self, server: ServerConnection) -> None:
@@ -634,9 +636,8 @@ class ClientSession(asyncio.Protocol):
         The wait ends, the statement (up to its Sync) is answered with 57014 without ever
         running, and whatever the client sent after it waits for a server again.
         """
-        if self._queued is not None:
-            self._queued.cancel()
-            self._queued = None
+        if self._queued:
+            self._queued = False
             self.pool.dequeue(self)  # type: ignore[union-attr]
         elif self._acquiring is not None and not self._acquiring.done():
             self._acquiring.cancel()
@@ -695,8 +696,7 @@ class ClientSession(asyncio.Protocol):
                 replied = True
         del buf[:pos]
         self._waited = 0.0
-        if self.transport is not None:
-            self.transport.resume_reading()
+        self._resume_held()
         if err.fatal:
             self.fail(err)
 

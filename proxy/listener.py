@@ -275,7 +275,7 @@ class ProxyServer:
         for s in self.sessions.values():
             if s.server is not None:
                 active += 1
-            elif s._acquiring is not None or s._queued is not None:  # noqa: SLF001
+            elif s._acquiring is not None or s._queued:  # noqa: SLF001
                 waiting += 1
             if s.pinned is not None:
                 pinned += 1

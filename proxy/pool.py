@@ -72,6 +72,11 @@ class Pool:
         # Clients queued without a task (the common case under load): handed a server
         # synchronously by ``release``. See ClientSession.grant.
         self._queue: deque[Any] = deque()
+        # One timer for the whole queue, due when its head's checkout_timeout runs out (the
+        # queue is in arrival order): a timer per queued client cost a timer handle created
+        # and cancelled per transaction under load (~8 % of the proxy's Python time at 50
+        # clients on a pool of 20).
+        self._queue_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._login_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self._interned: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
@@ -116,7 +121,26 @@ class Pool:
         return self.total >= self.settings.size + self.settings.max_overflow
 
     def enqueue(self, session: Any) -> None:
+        """Queue ``session`` (its ``queued_at`` set): ``release`` grants it a server, or its
+        ``queue_timeout`` is called once it has waited ``checkout_timeout``."""
         self._queue.append(session)
+        if self._queue_timer is None:
+            self._queue_timer = asyncio.get_running_loop().call_later(
+                self.settings.checkout_timeout, self._expire_queue
+            )
+
+    def _expire_queue(self) -> None:
+        """Time out the queued clients whose wait is over; re-arm for the next one."""
+        self._queue_timer = None
+        queue = self._queue
+        timeout = self.settings.checkout_timeout
+        now = time.monotonic()
+        while queue:
+            due = queue[0].queued_at + timeout - now
+            if due > 0:
+                self._queue_timer = asyncio.get_running_loop().call_later(due, self._expire_queue)
+                return
+            queue.popleft().queue_timeout()
 
     def dequeue(self, session: Any) -> None:
         try:
@@ -264,7 +288,7 @@ class Pool:
         while self._queue:
             session = self._queue.popleft()
             self.active.add(server)
-            if session.grant(server):
+            if session.grant(server, now):
                 return
             self.active.discard(server)
         server.last_used = now
@@ -394,6 +418,9 @@ class Pool:
     async def close(self) -> None:
         self._closed = True
         self._queue.clear()
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+            self._queue_timer = None
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():

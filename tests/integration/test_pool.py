@@ -117,6 +117,42 @@ async def test_exhausted_pool_answers_53300_to_asyncpg_extended_protocol(proxy_f
         await b.close()
 
 
+async def test_each_queued_client_waits_its_own_checkout_timeout(proxy_factory) -> None:
+    # The pool times its queue out with one timer, due at the head's deadline: a client queued
+    # later must still wait its full checkout_timeout (not be refused with the head), and one
+    # queued after the queue emptied must be timed out too.
+    timeout = 1.0
+    proxy = proxy_factory(pool__size=1, pool__max_overflow=0, pool__checkout_timeout=timeout)
+
+    async def connect(autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(**proxy.kwargs(), autocommit=autocommit, connect_timeout=10)
+
+    holder = await connect(autocommit=False)
+    waiters = [await connect() for _ in range(3)]
+    await holder.execute("select 1")  # its open transaction holds the only server connection
+
+    async def refused_after(conn: psycopg.AsyncConnection[Any], delay: float) -> float:
+        await asyncio.sleep(delay)
+        start = time.monotonic()
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            await conn.execute("select 2")
+        return time.monotonic() - start
+
+    try:
+        first, second = await asyncio.gather(refused_after(waiters[0], 0.0), refused_after(waiters[1], 0.4))
+        third = await refused_after(waiters[2], 0.0)  # queued alone, after the queue emptied
+        for waited in (first, second, third):
+            assert waited >= timeout * 0.95, (first, second, third)
+        assert _pool(proxy).checkout_timeouts == 3
+        await holder.commit()
+        for i, w in enumerate(waiters):
+            assert await (await w.execute("select %s::int", (i,))).fetchone() == (i,)
+    finally:
+        await holder.close()
+        for w in waiters:
+            await w.close()
+
+
 def test_client_that_leaves_while_queued_does_not_break_the_pool(proxy_factory) -> None:
     proxy = proxy_factory(pool__size=1, pool__max_overflow=0, pool__checkout_timeout=5)
     a = _connect(proxy, autocommit=False)
