@@ -391,7 +391,7 @@ class ResultCache:
                  "_bytes", "_sequence", "_invalidated_at", "_floor", "_paused", "hits", "misses", "stores",
                  "_writing", "_writing_all", "_writing_unknown", "_writing_columns", "_column_invalidated_at",
                  "_any_invalidated_at", "_keyed_log", "_keyed_forgotten", "_writing_keyed", "_writing_values",
-                 "_evictions", "_rejected", "_invalidations", "_bypasses", "_spared")
+                 "_evictions", "_rejected", "_invalidations", "_bypasses", "not_hinted", "_spared")
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
                  clock: Callable[[], float] = time.monotonic, *, max_tracked_tables: int = 100_000) -> None:
@@ -445,6 +445,7 @@ class ResultCache:
         self._rejected: dict[str, int] = {}
         self._invalidations: dict[str, int] = {}
         self._bypasses: dict[str, int] = {}
+        self.not_hinted = 0  # bypasses "not_hinted", counted by the relay itself (its hot path)
         self._spared: dict[str, int] = {}  # entries an invalidation of their table left, by why
 
     def __len__(self) -> int:
@@ -877,9 +878,15 @@ class ResultCache:
             entries=len(self._entries), bytes=self._bytes, max_bytes=self.max_bytes,
             max_result_bytes=self.max_result_bytes, hits=self.hits, misses=self.misses, stores=self.stores,
             evictions=dict(self._evictions), rejected=dict(self._rejected),
-            invalidations=dict(self._invalidations), bypasses=dict(self._bypasses), paused=self._paused,
+            invalidations=dict(self._invalidations), bypasses=self._bypass_counts(), paused=self._paused,
             spared=dict(self._spared),
         )
+
+    def _bypass_counts(self) -> dict[str, int]:
+        counts = dict(self._bypasses)
+        if self.not_hinted:
+            counts["not_hinted"] = counts.get("not_hinted", 0) + self.not_hinted
+        return counts
 
     def top(self, limit: int = 20) -> list[CacheEntrySnapshot]:
         """The ``limit`` entries with most hits (ties: most recently used first)."""

@@ -110,15 +110,34 @@ _NO_STATE = (None, False)
 _SCREEN = re.compile(rb"s(?:et)|l(?:isten|oad)|t(?:emp)|p(?:repare)|h(?:old)|a(?:dvisory)|d(?:ealloc|iscard)")
 _state_memo: dict[bytes, tuple[str | None, bool]] = {}
 _STATE_MEMO = 20000  # entries; cleared when full
+# A Query's text with every digit made 0: the same key for a statement run with new numbers.
+# Sound because no pattern above tells one digit from another (all are \w, none is in a
+# keyword, and no tracked setting's name holds one), and no multibyte character of a client
+# encoding PostgreSQL accepts has an ASCII digit byte in it.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+assert not any(c.isdigit() for name in _TRACKED_SET_NAMES for c in name)
+_query_memo: dict[bytes, tuple[str | None, bool]] = {}
+_QUERY_MEMO = 4096  # entries (cleared when full) of at most _QUERY_MEMO_TEXT bytes: ~8 MiB at most
+_QUERY_MEMO_TEXT = 2048
 
 
 def session_state(sql: bytes) -> tuple[str | None, bool]:
-    """(pin reason or None, whether it drops prepared statements) for a statement text."""
-    # Cheap screen first: almost every statement contains none of these words (and a Query's
-    # text, new literal values every time, is not worth memoising).
-    if _SCREEN.search(sql.lower()) is None:
-        return _NO_STATE
-    return parsed_state(sql)
+    """(pin reason or None, whether it drops prepared statements) for a Query's text.
+
+    Memoised by the text with its digits made 0: an app that puts its ids in the text sends
+    one such key again and again (pgbench -S: ~0.15 µs against ~0.8 µs for the screen here).
+    Other texts pay the screen: almost every statement contains none of the words it looks for.
+    """
+    if len(sql) > _QUERY_MEMO_TEXT:
+        return _NO_STATE if _SCREEN.search(sql.lower()) is None else parsed_state(sql)
+    key = sql.translate(_DIGITS_TO_ZERO)
+    found = _query_memo.get(key)
+    if found is None:
+        found = _NO_STATE if _SCREEN.search(sql.lower()) is None else parsed_state(sql)
+        if len(_query_memo) >= _QUERY_MEMO:
+            _query_memo.clear()
+        _query_memo[key] = found
+    return found
 
 
 def parsed_state(sql: bytes) -> tuple[str | None, bool]:
@@ -761,7 +780,10 @@ class ClientSession(asyncio.Protocol):
                     if server.txn != _IDLE:
                         front.cache.record_bypass("in_transaction")  # never looked up, counted
                     if self._fill is None:  # else it is the cacheable SELECT being collected
-                        self._classify(sql, len(pending) > 1)
+                        if front.fills:
+                            self._classify(sql, len(pending) > 1)
+                        else:  # (the test _classify starts with, without the call)
+                            self._unnoted = True
                 if measure:
                     inflight.append((sql, now, waited, True))
                     waited = 0.0
@@ -944,7 +966,7 @@ class ClientSession(asyncio.Protocol):
                 self._fill = None
                 self._front.finish(fill, status)
             if status == _IDLE or idle_seen:
-                if self._written or self._flush or self._ddl or (self._unnoted and self._front.fills):
+                if self._written.tables or self._flush or self._ddl or (self._unnoted and self._front.fills):
                     # Final only when no transaction stays open and nothing is outstanding:
                     # otherwise evict now and keep the marks until the transaction ends.
                     self._commit(status == _IDLE and (server is None or not server.pending))
@@ -1030,7 +1052,7 @@ class ClientSession(asyncio.Protocol):
         assert front is not None
         self._fill = None  # idle: whatever was collected before is over
         if front.mode == "hinted" and buf.find(HINT_MARK, 5, end) < 0:
-            front.cache.record_bypass("not_hinted")  # the default mode's usual case: no copy
+            front.cache.not_hinted += 1  # the default mode's usual case: no copy, no call
             return False
         if self._stateful:
             front.cache.record_bypass("session_state")

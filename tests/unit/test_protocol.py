@@ -96,6 +96,39 @@ def test_parsed_state_memo_is_bounded() -> None:
     assert parsed_state(b"LISTEN x") == ("listen", False)
 
 
+def test_query_texts_differing_only_in_digits_share_a_memo_entry_and_answer_alike() -> None:
+    client_module._query_memo.clear()  # noqa: SLF001
+    texts = [
+        b"SELECT abalance FROM pgbench_accounts WHERE aid = %d",
+        b"SET search_path = s%d",
+        b"SET application_name = 'app%d'",
+        b"SELECT pg_advisory_lock(%d)",
+        b"select pg_advisory_xact_lock(%d)",
+        b"LISTEN ch%d",
+        b"PREPARE p%d AS SELECT 1",
+        b"DEALLOCATE p%d",
+        b"UPDATE t SET a = %d",
+    ]
+    for text in texts:
+        for value in (10, 27, 93, 58):  # as many digits each: one key
+            sql = text % value
+            assert session_state(sql) == parsed_state(sql), sql
+    # One entry per text, whatever its (two-digit) numbers.
+    assert len(client_module._query_memo) == len(texts)  # noqa: SLF001
+
+
+def test_query_memo_is_bounded_and_skips_long_texts() -> None:
+    client_module._query_memo.clear()  # noqa: SLF001
+    for i in range(client_module._QUERY_MEMO + 100):  # noqa: SLF001
+        name = "".join("abcdefghij"[int(d)] for d in str(i))  # distinct keys (digits all read 0)
+        assert session_state(b"SELECT %s FROM t" % name.encode()) == (None, False)
+    assert len(client_module._query_memo) <= client_module._QUERY_MEMO  # noqa: SLF001
+    long = b"SET search_path = x /* " + b"." * client_module._QUERY_MEMO_TEXT + b" */"  # noqa: SLF001
+    client_module._query_memo.clear()  # noqa: SLF001
+    assert session_state(long) == ("set", False)
+    assert not client_module._query_memo  # noqa: SLF001
+
+
 def test_deallocate_and_discard_drop_prepared_statements() -> None:
     assert session_state(b"DEALLOCATE ALL")[1] is True
     assert session_state(b"DISCARD ALL")[1] is True
