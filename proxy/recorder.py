@@ -65,9 +65,15 @@ class Recorder:
         of_bytes = self.fingerprinter.of_bytes
         record = self.stats.record
         now = time.time()
+        counts: dict[bytes, int] = {}  # rows per CommandComplete tag: a batch repeats a few tags
         for sql, encoding, scope, application_name, client, duration, waited, rows, sqlstate in batch:
             try:
-                count = rows_in_tag(rows) if isinstance(rows, bytes) else rows
+                if isinstance(rows, bytes):
+                    count = counts.get(rows)
+                    if count is None:
+                        count = counts[rows] = rows_in_tag(rows)
+                else:
+                    count = rows
                 fp = of_bytes(sql, encoding) if isinstance(sql, bytes) else sql
                 slow = record(fp, scope, application_name, client, duration, waited, count, sqlstate, now)
             except Exception:  # noqa: BLE001 - a bug here must not cost the other statements

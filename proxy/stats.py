@@ -28,7 +28,10 @@ Decisions worth knowing:
   Without admission, 10,000 fingerprints cycling through 5,000 slots replaced an entry on half of
   all statements (the ``distinct-10k`` benchmark: ~10 µs per statement); with it the table
   settles and a newcomer costs a dict update. A query that becomes hot is admitted after a few
-  calls. An entry keeps at most ``MAX_APPLICATION_NAMES`` names, then adds "other".
+  calls. An entry keeps at most ``MAX_APPLICATION_NAMES`` names, then adds "other". (The total
+  time compared is the one folded so far: up to ``FOLD`` - 1 recent durations may not be in it.)
+- Durations are folded into counts, sums and histograms every ``FOLD`` statements and before any
+  read (``_Timings``), not one by one: every read sees every statement recorded before it.
 - ``reset()`` clears what the API shows (fingerprints and the slow ring) but leaves the
   aggregated counters, histograms, slow counts and ``evicted`` alone: they are Prometheus counters
   and must only go up during a process's life. ``snapshot().reset_at`` says when it happened.
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -145,21 +148,71 @@ class StatsSnapshot:
     reset_at: float | None
 
 
-class _Entry:
-    """Mutable per-fingerprint accumulator (hot path: plain attributes, one list of counts)."""
+#: Durations a fingerprint or a kind gathers before they are folded into its counts (and before
+#: anyone reads them): see ``_Timings``.
+FOLD = 64
 
-    __slots__ = ("fingerprint", "calls", "errors", "rows", "total", "min", "max", "counts",
-                 "first_seen", "last_seen", "applications", "wait", "last_sqlstate", "recent")
 
-    def __init__(self, fingerprint: Fingerprint, now: float) -> None:
-        self.fingerprint = fingerprint
+def _fold_into(counts: list[int], durations: list[float]) -> None:
+    """Add ``durations`` (sorted here) to ``counts``, one per ``LATENCY_BUCKETS`` bound and +Inf."""
+    durations.sort()
+    n = len(durations)
+    done = 0
+    for index, bound in enumerate(LATENCY_BUCKETS):
+        upto = bisect_right(durations, bound, done)  # durations <= bound: the ``le`` buckets
+        if upto > done:
+            counts[index] += upto - done
+            done = upto
+            if done == n:
+                return
+    counts[-1] += n - done
+
+
+class _Timings:
+    """Durations seen: their count, sum, min, max and histogram.
+
+    Recording a statement only appends its duration to ``pending``; every ``FOLD`` durations, and
+    before anything is read, ``fold`` adds them up in one pass (C builtins and a sort, one bisect
+    per bucket bound). Measured: recording ~60 bytecodes cheaper per statement than updating six
+    fields and a bucket each time, on the path every statement takes."""
+
+    __slots__ = ("calls", "total", "min", "max", "counts", "pending")
+
+    def __init__(self) -> None:
         self.calls = 0
-        self.errors = 0
-        self.rows = 0
         self.total = 0.0
         self.min = float("inf")
         self.max = 0.0
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.pending: list[float] = []
+
+    def fold(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        self.calls += len(pending)
+        self.total += sum(pending)
+        low = min(pending)
+        if low < self.min:
+            self.min = low
+        high = max(pending)
+        if high > self.max:
+            self.max = high
+        _fold_into(self.counts, pending)
+        pending.clear()
+
+
+class _Entry(_Timings):
+    """Mutable per-fingerprint accumulator (hot path: plain attributes; durations via _Timings)."""
+
+    __slots__ = ("fingerprint", "errors", "rows", "first_seen", "last_seen", "applications", "wait",
+                 "last_sqlstate", "recent")
+
+    def __init__(self, fingerprint: Fingerprint, now: float) -> None:
+        super().__init__()
+        self.fingerprint = fingerprint
+        self.errors = 0
+        self.rows = 0
         self.first_seen = now
         self.last_seen = now
         self.applications: set[str] = set()
@@ -168,16 +221,15 @@ class _Entry:
         self.recent = 0  # calls since the last aging (admission compares newcomers with it)
 
 
-class _KindStats:
-    """Aggregated counters of one statement kind within a Scope (Prometheus-facing)."""
+class _KindStats(_Timings):
+    """Aggregated counters of one statement kind within a Scope (Prometheus-facing): statements
+    (``calls`` once folded), errors among them, and their durations."""
 
-    __slots__ = ("ok", "errors", "counts", "sum")
+    __slots__ = ("errors",)
 
     def __init__(self) -> None:
-        self.ok = 0
+        super().__init__()
         self.errors = 0
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
 
 
 class Scope:
@@ -226,6 +278,7 @@ def _quantile(q: float, counts: list[int], total: int, low: float, high: float) 
 
 
 def _snapshot(entry: _Entry) -> FingerprintSnapshot:
+    entry.fold()
     fp = entry.fingerprint
     calls = entry.calls
     low, high = entry.min, entry.max
@@ -317,17 +370,13 @@ class QueryStats:
         entry = self._entries.get(fp.id)
         if entry is None and (len(self._entries) < self.max_fingerprints or self._admit(fp.id)):
             entry = self._entries[fp.id] = _Entry(fp, now)
-        index = bisect_left(LATENCY_BUCKETS, duration)
         if entry is not None:
-            entry.calls += 1
+            pending = entry.pending
+            pending.append(duration)
+            if len(pending) >= FOLD:
+                entry.fold()
             entry.recent += 1
             entry.rows += rows
-            entry.total += duration
-            if duration < entry.min:
-                entry.min = duration
-            if duration > entry.max:
-                entry.max = duration
-            entry.counts[index] += 1
             entry.last_seen = now
             entry.wait += wait
             applications = entry.applications
@@ -344,12 +393,12 @@ class QueryStats:
         stats = scope.kinds.get(kind)
         if stats is None:
             stats = scope.kinds[kind] = _KindStats()
-        if sqlstate is None:
-            stats.ok += 1
-        else:
+        pending = stats.pending
+        pending.append(duration)
+        if len(pending) >= FOLD:
+            stats.fold()
+        if sqlstate is not None:
             stats.errors += 1
-        stats.counts[index] += 1
-        stats.sum += duration
 
         if duration * 1000.0 <= self.slow_threshold_ms:
             return None
@@ -419,12 +468,13 @@ class QueryStats:
         for scope in self._scopes.values():
             database, user = scope.database, scope.user
             for kind, stats in scope.kinds.items():
-                if stats.ok:
-                    queries[(database, user, kind, "ok")] = stats.ok
+                stats.fold()
+                if stats.calls > stats.errors:
+                    queries[(database, user, kind, "ok")] = stats.calls - stats.errors
                 if stats.errors:
                     queries[(database, user, kind, "error")] = stats.errors
                 counts = stats.counts
-                durations[(database, user, kind)] = HistogramSnapshot(_cumulative(counts), stats.sum, sum(counts))
+                durations[(database, user, kind)] = HistogramSnapshot(_cumulative(counts), stats.total, stats.calls)
             if scope.slow:
                 slow[(database, user)] = scope.slow
         return StatsSnapshot(
@@ -444,6 +494,8 @@ class QueryStats:
             raise ValueError(f"by must be one of {', '.join(TOP_ORDERS)}, got {by!r}")
         if limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
+        for entry in self._entries.values():
+            entry.fold()
         best = heapq.nlargest(limit, self._entries.values(), key=order)
         return [_snapshot(entry) for entry in best]
 

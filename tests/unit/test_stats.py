@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.fingerprint import Fingerprint, Fingerprinter
 from proxy.stats import (
+    FOLD,
     LATENCY_BUCKETS,
     MAX_APPLICATION_NAMES,
     TOP_ORDERS,
@@ -149,6 +150,44 @@ def test_percentiles_are_ordered_and_within_min_max(durations: list[float]) -> N
     assert snap is not None and snap.calls == len(durations) == snap.buckets[-1]
     assert snap.min_ms <= snap.p50_ms <= snap.p95_ms <= snap.p99_ms <= snap.max_ms
     assert list(snap.buckets) == sorted(snap.buckets)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(LATENCY_BUCKETS + (0.0, 0.0003, 0.7, 12.0)) | st.floats(0.0, 20.0), st.booleans()),
+        min_size=1, max_size=3 * FOLD + 7,
+    ),
+    st.sets(st.integers(0, 3 * FOLD + 7), max_size=4),
+)
+def test_folded_statistics_equal_statement_by_statement_ones(statements: list[tuple[float, bool]],
+                                                              reads_after: set[int]) -> None:
+    # Durations are folded every FOLD statements and on every read: whatever the number of
+    # statements and wherever reads fall, every figure is what one-by-one counting gives.
+    stats = QueryStats()
+    for i, (duration, failed) in enumerate(statements):
+        finish(stats, duration=duration, sqlstate="57014" if failed else None)
+        if i in reads_after:
+            stats.snapshot()
+            stats.get(SELECT.id)
+    durations = [d for d, _ in statements]
+    errors = sum(failed for _, failed in statements)
+    expected = [0] * (len(LATENCY_BUCKETS) + 1)
+    for d in durations:
+        expected[next((i for i, bound in enumerate(LATENCY_BUCKETS) if d <= bound), len(LATENCY_BUCKETS))] += 1
+    cumulative = tuple(sum(expected[: i + 1]) for i in range(len(expected)))
+    snap = stats.get(SELECT.id)
+    assert snap is not None
+    assert (snap.calls, snap.errors, snap.buckets) == (len(durations), errors, cumulative)
+    assert snap.total_ms == pytest.approx(sum(durations) * 1000.0)
+    assert (snap.min_ms, snap.max_ms) == (min(durations) * 1000.0, max(durations) * 1000.0)
+    agg = stats.snapshot()
+    histogram = agg.durations[("app", "alice", "select")]
+    assert (histogram.buckets, histogram.count) == (cumulative, len(durations))
+    assert histogram.sum == pytest.approx(sum(durations))
+    assert agg.queries.get(("app", "alice", "select", "ok"), 0) == len(durations) - errors
+    assert agg.queries.get(("app", "alice", "select", "error"), 0) == errors
+    assert stats.top("calls", 1)[0].calls == len(durations)
 
 
 def test_slow_threshold_exactly_at_is_not_slow_over_is() -> None:
