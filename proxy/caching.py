@@ -215,13 +215,13 @@ def _keys_by_text(compute: Callable[[str], T], plain: dict[bytes, T], texts: dic
     text (memo ``texts``: parameter texts repeat). Each memo is cleared when it holds _COLUMN_MEMO."""
     shaped = plain_numbers(sql)
     if shaped is not None:
-        memo, memo_key, text = plain, shaped[0], numbered(sql)
+        memo, memo_key = plain, shaped[0]
     else:
-        memo, memo_key, text = texts, sql, sql
+        memo, memo_key = texts, sql
     if memo_key in memo:
         found = memo[memo_key]
-    else:
-        found = compute(decode_sql(text, encoding))
+    else:  # (numbered only now: a regex pass with a Python call per number, for a new shape)
+        found = compute(decode_sql(sql if shaped is None else numbered(sql), encoding))
         if len(memo) >= _COLUMN_MEMO:
             memo.clear()
         memo[memo_key] = found

@@ -8,7 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+import proxy.cache as cache_module
 from proxy.cache import (
+    key_id,
     ENTRY_OVERHEAD,
     SAFE_PG_FUNCTIONS,
     VOLATILE_FUNCTIONS,
@@ -207,10 +209,10 @@ def test_volatile_literal_only_for_whole_special_values() -> None:
 
 # -- cache_key ----------------------------------------------------------------------------------------
 
-def test_cache_key_is_16_bytes_stable_and_distinguishes_every_part() -> None:
+def test_cache_key_is_stable_and_distinguishes_every_part() -> None:
     base = ("app", "alice", '"$user", public', b"select * from jobs where id = $1", b"\x00\x00\x00\x017")
     key = cache_key(*base)
-    assert len(key) == 16 and key == cache_key(*base)
+    assert key == cache_key(*base)
     variants = [
         ("app2",) + base[1:],
         base[:1] + ("bob",) + base[2:],
@@ -228,6 +230,17 @@ def test_cache_key_is_not_fooled_by_moving_bytes_between_parts() -> None:
     assert cache_key("a", "b", "c", b"select", b"") != cache_key("a", "b", "cselect", b"", b"")
     assert cache_key("a", "b", "c", b"select 1", b"x") != cache_key("a", "b", "c", b"select 1x", b"")
     assert cache_key("", "", "", b"", b"") != cache_key("", "", "", b"", b"\x00")
+
+
+def test_cache_key_ids_are_not_reused_when_the_scope_table_is_cleared() -> None:
+    before = cache_key("app", "alice", "public", b"select 1")
+    for i in range(cache_module._KEY_SCOPES + 1):  # noqa: SLF001 - fills the table: it is cleared
+        cache_key("app", f"user{i}", "public", b"select 1")
+    assert len(cache_module._key_scopes) <= cache_module._KEY_SCOPES  # noqa: SLF001
+    after = cache_key("app", "alice", "public", b"select 1")
+    # The same scope gets a new id: what was stored before is unreachable, never another scope's.
+    assert after != before and after == cache_key("app", "alice", "public", b"select 1")
+    assert before not in {cache_key("app", f"user{i}", "public", b"select 1") for i in range(50)}
 
 
 # -- store: get / put / LRU / size ----------------------------------------------------------------------
@@ -497,7 +510,7 @@ def test_top_orders_entries_by_hits_and_shows_no_rows() -> None:
     cache.get(b"a" * 16)
     clock.now = 120.0
     top = cache.top(2)
-    assert [entry.key for entry in top] == [(b"b" * 16).hex(), (b"a" * 16).hex()]
+    assert [entry.key for entry in top] == [key_id(b"b" * 16), key_id(b"a" * 16)]
     assert (top[0].hits, top[0].tables, top[0].age_s, top[0].ttl_s) == (3, ("users", "matches"), 10.0, 50.0)
     assert (top[1].hits, top[1].age_s, top[1].ttl_s) == (1, 20.0, 40.0)
     assert top[1].bytes == entry_size(b"a" * 16, b"secret row data")
