@@ -138,6 +138,8 @@ class Pool:
         while queue:
             due = queue[0].queued_at + timeout - now
             if due > 0:
+                if self._queue_timer is not None:  # a client timed out above queued again: armed
+                    self._queue_timer.cancel()  # for its own deadline, later than the head's
                 self._queue_timer = asyncio.get_running_loop().call_later(due, self._expire_queue)
                 return
             queue.popleft().queue_timeout()
