@@ -757,9 +757,10 @@ class ClientSession(asyncio.Protocol):
             waited = self._waited
             self._waited = 0.0
             inflight = self._inflight
+        max_message = self.max_message
         while n - pos >= 5:
             length = unpack(buf, pos + 1)[0]
-            if length < 4 or length > self.max_message:
+            if length < 4 or length > max_message:
                 self._violation(length)
                 return
             end = pos + 1 + length
@@ -802,7 +803,6 @@ class ClientSession(asyncio.Protocol):
                         if server.txn != _IDLE:
                             front.cache.record_bypass("in_transaction")
                         if self._fill is None:
-                            bind = None
                             if front.fills:  # else nothing is classified (see _classify)
                                 if p2 > p1 + 1:
                                     known = self.statements.get(bytes(buf[p1 + 1 : p2]))
@@ -810,8 +810,9 @@ class ClientSession(asyncio.Protocol):
                                 else:
                                     parse = self._unnamed_parse
                                 # (the live buffer: read at once, by the classification)
-                                bind = Bind(buf, p2 + 1, parse)
-                            self._classify(text, bool(pending), bind)
+                                self._classify(text, bool(pending), Bind(buf, p2 + 1, parse))
+                            else:  # (the test _classify starts with, without the call)
+                                self._unnoted = True
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
                     if target is not None:
@@ -1092,7 +1093,7 @@ class ClientSession(asyncio.Protocol):
         if self._unhinted:
             if data.find(HINT_MARK) < 0:
                 # The default mode's usual case: no statement this session can Bind is hinted.
-                front.cache.record_bypass("not_hinted")
+                front.cache.not_hinted += 1
                 return False
             self._unhinted = False  # (a Parse here may be served from the cache, unseen by _forward)
         if self._stateful:
