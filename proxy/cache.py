@@ -464,7 +464,9 @@ class ResultCache:
         self._rejected: dict[str, int] = {}
         self._invalidations: dict[str, int] = {}
         self._bypasses: dict[str, int] = {}
-        self.not_hinted = 0  # bypasses "not_hinted", counted by the relay itself (its hot path)
+        # Bypasses "not_hinted" (the default mode's usual case, on the relay's path for every
+        # statement): an attribute its callers increment, not a record_bypass call each time.
+        self.not_hinted = 0
         self._spared: dict[str, int] = {}  # entries an invalidation of their table left, by why
 
     def __len__(self) -> int:

@@ -397,7 +397,7 @@ class CacheFront:
         ``bind``: its Bind's parameters, for the rows a keyed read depends on."""
         cache = self.cache
         if self.mode == "hinted" and HINT_MARK not in sql:
-            cache.record_bypass("not_hinted")
+            cache.not_hinted += 1
             return None
         monitor = self.monitor_for(database, endpoint)
         if not monitor.ready:

@@ -128,15 +128,14 @@ def session_state(sql: bytes) -> tuple[str | None, bool]:
     one such key again and again (pgbench -S: ~0.15 µs against ~0.8 µs for the screen here).
     Other texts pay the screen: almost every statement contains none of the words it looks for.
     """
-    if len(sql) > _QUERY_MEMO_TEXT:
-        return _NO_STATE if _SCREEN.search(sql.lower()) is None else parsed_state(sql)
-    key = sql.translate(_DIGITS_TO_ZERO)
-    found = _query_memo.get(key)
+    key = sql.translate(_DIGITS_TO_ZERO) if len(sql) <= _QUERY_MEMO_TEXT else None
+    found = None if key is None else _query_memo.get(key)
     if found is None:
-        found = _NO_STATE if _SCREEN.search(sql.lower()) is None else parsed_state(sql)
-        if len(_query_memo) >= _QUERY_MEMO:
-            _query_memo.clear()
-        _query_memo[key] = found
+        found = _NO_STATE if _SCREEN.search(sql.lower()) is None else _state_of(sql)
+        if key is not None:
+            if len(_query_memo) >= _QUERY_MEMO:
+                _query_memo.clear()
+            _query_memo[key] = found
     return found
 
 
@@ -145,8 +144,16 @@ def parsed_state(sql: bytes) -> tuple[str | None, bool]:
     which an extended-protocol client sends again and again (~0.1 µs here against ~0.9 µs for
     the screen)."""
     found = _state_memo.get(sql)
-    if found is not None:
-        return found
+    if found is None:
+        found = _state_of(sql)
+        if len(_state_memo) >= _STATE_MEMO:
+            _state_memo.clear()
+        _state_memo[sql] = found
+    return found
+
+
+def _state_of(sql: bytes) -> tuple[str | None, bool]:
+    """``session_state`` computed, with no screen and no memo."""
     reason: str | None = None
     m = _STATE_RE.search(sql)
     if m is not None:
@@ -160,12 +167,7 @@ def parsed_state(sql: bytes) -> tuple[str | None, bool]:
                 reason = "set"
                 break
     result = (reason, _DEALLOCATE_RE.search(sql) is not None)
-    if result == _NO_STATE:
-        result = _NO_STATE
-    if len(_state_memo) >= _STATE_MEMO:
-        _state_memo.clear()
-    _state_memo[sql] = result
-    return result
+    return _NO_STATE if result == _NO_STATE else result
 
 
 def parse_options(options: str) -> dict[str, str]:
@@ -783,7 +785,7 @@ class ClientSession(asyncio.Protocol):
                     if self._fill is None:  # else it is the cacheable SELECT being collected
                         if front.fills:
                             self._classify(sql, len(pending) > 1)
-                        else:  # (the test _classify starts with, without the call)
+                        else:  # nothing cached yet (see _classify)
                             self._unnoted = True
                 if measure:
                     inflight.append((sql, now, waited, True))
@@ -803,7 +805,7 @@ class ClientSession(asyncio.Protocol):
                         if server.txn != _IDLE:
                             front.cache.record_bypass("in_transaction")
                         if self._fill is None:
-                            if front.fills:  # else nothing is classified (see _classify)
+                            if front.fills:
                                 if p2 > p1 + 1:
                                     known = self.statements.get(bytes(buf[p1 + 1 : p2]))
                                     parse = known[1] if known else None
@@ -811,7 +813,7 @@ class ClientSession(asyncio.Protocol):
                                     parse = self._unnamed_parse
                                 # (the live buffer: read at once, by the classification)
                                 self._classify(text, bool(pending), Bind(buf, p2 + 1, parse))
-                            else:  # (the test _classify starts with, without the call)
+                            else:  # nothing cached yet (see _classify)
                                 self._unnoted = True
                 if p2 > p1 + 1:
                     target = self._server_statement(bytes(buf[p1 + 1 : p2]), server, out, buf, run, pos)
@@ -1186,14 +1188,13 @@ class ClientSession(asyncio.Protocol):
         """Note what a statement of the open transaction writes, for invalidation at commit.
 
         ``behind``: requests sent before this one are still unanswered (pipelined). ``bind``:
-        the Bind message that runs it (extended protocol)."""
+        the Bind message that runs it (extended protocol).
+
+        Called by the relay only once the cache has collected a read (``front.fills``). Before,
+        there is nothing to invalidate: the relay only sets ``_unnoted``, and if a read is
+        collected by the time the transaction commits, the commit flushes (see _commit)."""
         front = self._front
         assert front is not None
-        if not front.fills:
-            # No read was ever collected for the cache: nothing to invalidate yet. If one is
-            # by the time this transaction commits, it flushes (see _commit).
-            self._unnoted = True
-            return
         action, keys, ddl, columns, rows = front.classify(sql, self._encoding, front.monitors.get(self.database),
                                                           bind)
         if ddl:

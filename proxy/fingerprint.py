@@ -509,8 +509,7 @@ class Fingerprinter:
         if found is not None:
             self.hits += 1
             return found
-        # (text_shape's plain path inline: the usual case, one call less per statement)
-        shape = _NUMBERS.sub(b"?", sql) if len(sql.translate(None, _NOT_PLAIN)) == len(sql) else _unplain_shape(sql)
+        shape = text_shape(sql)
         found = shapes.get(shape)
         if found is not None:
             self.hits += 1
