@@ -18,8 +18,14 @@ COPY agent /tmp/pgsidecar/agent
 COPY config /tmp/pgsidecar/config
 COPY proxy /tmp/pgsidecar/proxy
 COPY graphql_gateway /tmp/pgsidecar/graphql_gateway
-RUN pip install /tmp/pgsidecar \
-    && rm -rf /tmp/pgsidecar \
+COPY migrations /tmp/pgsidecar/migrations
+# gcc builds proxy/_speedups.c (the relay's framing loops); it goes once the package is installed.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install /tmp/pgsidecar \
+    && python -c "import proxy.frames as f; assert f.COMPILED, 'proxy._speedups was not built'" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* /tmp/pgsidecar \
     && useradd --system --uid 10001 --user-group --create-home --home-dir /home/pgsidecar pgsidecar
 
 USER pgsidecar

@@ -1,5 +1,5 @@
 """pgsidecar: observability sidecar and PostgreSQL pooling proxy."""
-from setuptools import setup
+from setuptools import Extension, setup
 
 setup(
     name="pgsidecar",
@@ -44,5 +44,8 @@ setup(
             "types-PyYAML",
         ],
     },
+    # The relay's framing loop in C (proxy/frames.py has its Python twin, used when this cannot
+    # be built: a machine without a C compiler still installs, with a warning).
+    ext_modules=[Extension("proxy._speedups", ["proxy/_speedups.c"], optional=True)],
     entry_points={"console_scripts": ["pgsidecar=agent.cli:main"]},
 )

@@ -30,6 +30,7 @@ from .auth import AuthFailed
 from .cache import HINT_MARK, WriteMarks
 from .caching import CHAIN, FLUSH, READ, ROLLBACK, WRITE, Bind, Fill, volatile_params
 from .errors import ProxyError
+from .frames import messages as frame_messages
 from .invalidation import Watch
 from .stats import Scope
 from .server import (
@@ -736,11 +737,9 @@ class ClientSession(asyncio.Protocol):
         assert server is not None
         buf: bytes | bytearray = self.buf if data is None else data
         n = len(buf)
-        pos = 0
         run = 0  # start of the run of client bytes forwarded untouched
         out: list[bytes] = []
         pending = server.pending
-        unpack = _LEN.unpack_from
         # After an error in extended protocol the server ignores everything up to the Sync the
         # client has not sent yet: so do we (no request expected, no statement prepared).
         dropping = server.skipping and server.discarding()
@@ -759,21 +758,12 @@ class ClientSession(asyncio.Protocol):
             waited = self._waited
             self._waited = 0.0
             inflight = self._inflight
-        max_message = self.max_message
-        while n - pos >= 5:
-            length = unpack(buf, pos + 1)[0]
-            if length < 4 or length > max_message:
-                self._violation(length)
-                return
-            end = pos + 1 + length
-            if end > n:
-                break
-            t = buf[pos]
+        found, stop, bad_length = frame_messages(buf, self.max_message)
+        for t, pos, end in found:
             if dropping and t != _S and t != _X:
                 if t not in _KNOWN:
                     self.fail(ProxyError.protocol_violation(f"invalid frontend message type {t}"))
                     return
-                pos = end
                 continue
             if t == _Q:
                 pending.append(FORWARD_QUERY)
@@ -904,7 +894,10 @@ class ClientSession(asyncio.Protocol):
             else:
                 self.fail(ProxyError.protocol_violation(f"invalid frontend message type {t}"))
                 return
-            pos = end
+        if bad_length >= 0:
+            self._violation(bad_length)
+            return
+        pos = stop
         if data is not None:
             if pos < n:
                 self.buf += data[pos:]

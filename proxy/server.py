@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .frames import answer as frame_answer
 from . import protocol as pq
 from .auth import AuthFailed, ServerAuthenticator
 from .errors import ProxyError
@@ -283,26 +284,8 @@ class ServerConnection(asyncio.Protocol):
         last = pending[-1]
         if last is not FORWARD_SYNC and last is not FORWARD_QUERY:
             return False
-        unpack = _LEN.unpack_from
-        pos = 0
-        t = 0
-        zs = 0
-        last_c = -1
-        data_rows = 0
-        while pos < n:
-            t = data[pos]
-            if t == _D:
-                data_rows += 1
-            elif t == _E or t == _S:
-                return False
-            elif t == _Z:
-                zs += 1
-            elif t == _C:
-                if last_c >= 0:
-                    return False  # several statements: counted on the full path
-                last_c = pos
-            pos += 1 + unpack(data, pos + 1)[0]
-        if pos != n or t != _Z or zs != 1:
+        framed = frame_answer(data)
+        if framed is None:
             return False
         if len(pending) > 1 and (
             pending.count(FORWARD_SYNC) + pending.count(FORWARD_QUERY) + pending.count(FORWARD_FUNC) != 1
@@ -314,11 +297,12 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = time.monotonic()
         client.write(data)
         if client.measure:
-            if last_c >= 0 and not self.tags:  # the usual case: the tag goes as it is, read later
-                client.statement_done(data[last_c + 5 : last_c + unpack(data, last_c + 1)[0]])
+            data_rows, tag = framed
+            if tag is not None and not self.tags:  # the usual case: the tag goes as it is, read later
+                client.statement_done(tag)
             else:
-                if last_c >= 0:
-                    self.rows += tag_rows(data, last_c, last_c + 1 + unpack(data, last_c + 1)[0])
+                if tag is not None:
+                    self.rows += pq.rows_in_tag(tag)
                     self.tags += 1
                 client.statement_done(self.rows if self.tags else self.data_rows + data_rows)
             self.rows = self.tags = self.data_rows = 0

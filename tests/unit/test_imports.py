@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"config", "proxy", "agent", "graphql_gateway"}
-PROXY_ORDER = ["errors", "protocol", "auth", "server", "pool", "recorder", "invalidation", "caching", "client", "listener"]
+PROXY_ORDER = ["errors", "protocol", "_speedups", "frames", "auth", "server", "pool", "recorder", "invalidation", "caching", "client", "listener"]
 PROXY_LEAVES = {"fingerprint", "cache", "columns", "stats", "explain"}
 
 

@@ -34,3 +34,23 @@ def test_package_data_names_files_that_exist() -> None:
     for package, patterns in data.items():
         for pattern in patterns:
             assert list((ROOT / package.replace(".", "/")).glob(pattern)), (package, pattern)
+
+
+def test_the_docker_build_context_holds_every_package_setup_py_installs() -> None:
+    """The Dockerfile copies setup.py and the package folders one COPY at a time, and
+    .dockerignore leaves folders out of the build context: a package that setup.py lists but
+    the image does not get stops ``pip install`` inside ``docker build`` ("package directory
+    'migrations' does not exist", as once happened)."""
+    copied = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and len(words) == 3 and words[2].startswith("/tmp/pgsidecar"):
+            copied.add(words[1].rstrip("/"))
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert "setup.py" in copied and "setup.py" not in ignored
+    packages = _setup_kwargs()["packages"]
+    assert isinstance(packages, list)
+    for top in {name.split(".")[0] for name in packages}:
+        assert top in copied, f"the Dockerfile does not COPY {top}/, which setup.py installs"
+        assert top not in ignored, f".dockerignore leaves out {top}/, which setup.py installs"

@@ -1,0 +1,188 @@
+/* pgsidecar's compiled hot path: the relay's two framing loops, run for every read.
+ *
+ * answer(data) is proxy.frames.answer_py in C: it frames the PostgreSQL backend messages of one
+ * read and says whether the read is a whole, uneventful answer (the relay's fast path).
+ * messages(buf, max_message) is proxy.frames.messages_py: the whole frontend messages of a client's
+ * read, for the relay's loop. The Python twins are the reference; tests/unit/test_frames.py holds
+ * the two to the same results on generated input. The extension is optional: without a C compiler the package uses the twin.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* answer(data: bytes) -> (data_rows, tag) | None
+ *
+ * None unless ``data`` holds only whole messages, each of length >= 4, ending with the only
+ * ReadyForQuery ('Z') in it, with no ErrorResponse ('E'), no ParameterStatus ('S') and at most
+ * one CommandComplete ('C'). Otherwise: the number of DataRows ('D') and the CommandComplete's
+ * tag without its NUL (None when there is no CommandComplete).
+ */
+static PyObject *
+answer(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    const unsigned char *p;
+    Py_ssize_t n, pos = 0, last_c = -1, rows = 0, zs = 0;
+    unsigned char t = 0;
+    uint32_t length;
+    PyObject *tag, *result;
+    int owned = 0;
+
+    if (PyBytes_CheckExact(arg)) {
+        p = (const unsigned char *)PyBytes_AS_STRING(arg);
+        n = PyBytes_GET_SIZE(arg);
+    } else {
+        if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        p = (const unsigned char *)view.buf;
+        n = view.len;
+        owned = 1;
+    }
+    while (n - pos >= 5) {
+        t = p[pos];
+        length = ((uint32_t)p[pos + 1] << 24) | ((uint32_t)p[pos + 2] << 16)
+                 | ((uint32_t)p[pos + 3] << 8) | (uint32_t)p[pos + 4];
+        if (length < 4)
+            goto not_eligible;
+        switch (t) {
+        case 'D':
+            rows++;
+            break;
+        case 'E':
+        case 'S':
+            goto not_eligible;
+        case 'Z':
+            zs++;
+            break;
+        case 'C':
+            if (last_c >= 0)
+                goto not_eligible;
+            last_c = pos;
+            break;
+        }
+        pos += 1 + (Py_ssize_t)length;
+    }
+    if (pos != n || t != 'Z' || zs != 1)
+        goto not_eligible;
+    if (last_c >= 0) {
+        length = ((uint32_t)p[last_c + 1] << 24) | ((uint32_t)p[last_c + 2] << 16)
+                 | ((uint32_t)p[last_c + 3] << 8) | (uint32_t)p[last_c + 4];
+        /* The tag runs from after the length to before the NUL that ends the message. */
+        tag = PyBytes_FromStringAndSize((const char *)p + last_c + 5, (Py_ssize_t)length - 5 > 0 ? (Py_ssize_t)length - 5 : 0);
+        if (tag == NULL)
+            goto error;
+    } else {
+        tag = Py_NewRef(Py_None);
+    }
+    if (owned)
+        PyBuffer_Release(&view);
+    result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(tag);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, PyLong_FromSsize_t(rows));
+    PyTuple_SET_ITEM(result, 1, tag);
+    if (PyTuple_GET_ITEM(result, 0) == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+
+not_eligible:
+    if (owned)
+        PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+error:
+    if (owned)
+        PyBuffer_Release(&view);
+    return NULL;
+}
+
+
+/* messages(buf, max_message) -> (frames, stop, bad_length)
+ *
+ * The whole frontend messages at the start of ``buf``: ``frames`` lists (type, start, end) for
+ * each, ``stop`` is where the framing stopped (the end of the last whole message, or the start
+ * of the first one with a bad length), and ``bad_length`` is that bad length (under 4 or over
+ * ``max_message``), else -1.
+ */
+static PyObject *
+messages(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    const unsigned char *p;
+    Py_ssize_t n, pos = 0, end, max_message;
+    long long bad = -1;
+    uint32_t length;
+    PyObject *list, *item, *result;
+    int owned = 0;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "messages(buf, max_message) takes two arguments");
+        return NULL;
+    }
+    max_message = PyLong_AsSsize_t(args[1]);
+    if (max_message == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyBytes_CheckExact(args[0])) {
+        p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+        n = PyBytes_GET_SIZE(args[0]);
+    } else {
+        if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        p = (const unsigned char *)view.buf;
+        n = view.len;
+        owned = 1;
+    }
+    list = PyList_New(0);
+    if (list == NULL)
+        goto error;
+    while (n - pos >= 5) {
+        length = ((uint32_t)p[pos + 1] << 24) | ((uint32_t)p[pos + 2] << 16)
+                 | ((uint32_t)p[pos + 3] << 8) | (uint32_t)p[pos + 4];
+        if (length < 4 || (Py_ssize_t)length > max_message) {
+            bad = (long long)length;
+            break;
+        }
+        end = pos + 1 + (Py_ssize_t)length;
+        if (end > n)
+            break;
+        item = Py_BuildValue("(inn)", (int)p[pos], pos, end);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            goto error;
+        }
+        Py_DECREF(item);
+        pos = end;
+    }
+    if (owned)
+        PyBuffer_Release(&view);
+    result = Py_BuildValue("(NnL)", list, pos, bad);
+    return result;
+
+error:
+    if (owned)
+        PyBuffer_Release(&view);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"answer", answer, METH_O,
+     "answer(data) -> (data_rows, tag) | None: a whole, uneventful server answer, framed."},
+    {"messages", (PyCFunction)(void (*)(void))messages, METH_FASTCALL,
+     "messages(buf, max_message) -> (frames, stop, bad_length): the whole frontend messages of buf."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "proxy._speedups",
+    "pgsidecar's compiled hot path (see proxy/frames.py for the Python twin).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,141 @@
+"""The relay's framing of a server read: the C function and its Python twin agree, and the
+fast path of a server connection hands a read it cannot take whole to the full path."""
+from __future__ import annotations
+
+import shutil
+import struct
+import sysconfig
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import frames
+from proxy.frames import answer_py, messages_py
+
+
+def msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+ROW_DESCRIPTION = msg(b"T", b"\x00\x01abalance\x00" + b"\x00" * 6 + b"\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00")
+READY = msg(b"Z", b"I")
+
+
+def data_row(value: bytes) -> bytes:
+    return msg(b"D", b"\x00\x01" + struct.pack("!I", len(value)) + value)
+
+
+IMPLEMENTATIONS = [pytest.param(answer_py, id="python")]
+SPLITTERS = [pytest.param(messages_py, id="python")]
+if frames.COMPILED:
+    IMPLEMENTATIONS.append(pytest.param(frames.answer, id="c"))
+    SPLITTERS.append(pytest.param(frames.messages, id="c"))
+
+
+def test_the_extension_is_built_where_a_compiler_is() -> None:
+    """setup.py builds proxy._speedups when it can; a machine with a C compiler and Python's
+    headers that ends up without it has a broken build, not a slow path by choice."""
+    include = sysconfig.get_paths()["include"]
+    if shutil.which("cc") is None or not (include and __import__("os").path.exists(f"{include}/Python.h")):
+        pytest.skip("no C compiler or no Python headers here: the Python twin is the one in use")
+    assert frames.COMPILED, "proxy._speedups was not built: run `pip install -e .` again"
+
+
+@pytest.mark.parametrize("answer", IMPLEMENTATIONS)
+def test_a_select_answer_is_framed(answer) -> None:  # type: ignore[no-untyped-def]
+    rows = data_row(b"1") + data_row(b"22") + data_row(b"")
+    data = ROW_DESCRIPTION + rows + msg(b"C", b"SELECT 3\x00") + READY
+    assert answer(data) == (3, b"SELECT 3")
+    assert answer(msg(b"1") + msg(b"2") + msg(b"n") + READY) == (0, None)  # no CommandComplete
+    assert answer(msg(b"C", b"\x00") + READY) == (0, b"")
+    assert answer(msg(b"C") + READY) == (0, b"")  # an empty body: an empty tag, nothing read before it
+    assert answer(bytearray(data)) == (3, b"SELECT 3")  # any buffer, not only bytes
+
+
+@pytest.mark.parametrize("answer", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(ROW_DESCRIPTION, id="no ReadyForQuery"),
+        pytest.param(msg(b"E", b"SERROR\x00C42P01\x00\x00") + READY, id="error"),
+        pytest.param(msg(b"S", b"TimeZone\x00UTC\x00") + msg(b"C", b"SET\x00") + READY, id="parameter status"),
+        pytest.param(msg(b"C", b"SELECT 1\x00") + msg(b"C", b"SELECT 1\x00") + READY, id="two statements"),
+        pytest.param(READY + READY, id="two ReadyForQuery"),
+        pytest.param(READY + ROW_DESCRIPTION, id="not ending with ReadyForQuery"),
+        pytest.param(READY[:-1], id="last message cut"),
+        pytest.param(READY + b"Z\x00\x00", id="a header cut"),
+        pytest.param(b"D\x00\x00\x00\x02" + READY, id="length under 4"),
+        pytest.param(b"D\xff\xff\xff\xff" + READY, id="length past the end"),
+    ],
+)
+def test_reads_that_are_not_a_whole_uneventful_answer(answer, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    assert answer(data) is None
+
+
+_messages = st.tuples(
+    st.sampled_from(b"TDCZESN12nAIst"),
+    st.binary(max_size=12),
+).map(lambda kb: msg(bytes([kb[0]]), kb[1]))
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    parts=st.lists(_messages, max_size=8),
+    cut=st.integers(min_value=0, max_value=200),
+    junk=st.binary(max_size=6),
+    corrupt=st.one_of(st.none(), st.tuples(st.integers(0, 200), st.integers(0, 255))),
+)
+def test_the_compiled_framing_agrees_with_the_python_twin(parts, cut, junk, corrupt) -> None:  # type: ignore[no-untyped-def]
+    if not frames.COMPILED:
+        pytest.skip("proxy._speedups is not built here")
+    data = bytearray(b"".join(parts) + READY)
+    data = data[: len(data) - cut % (len(data) + 1)] + junk if cut % 3 == 0 else data
+    if corrupt is not None and data:
+        data[corrupt[0] % len(data)] = corrupt[1]
+    assert frames.answer(bytes(data)) == answer_py(bytes(data))
+
+
+# ----------------------------------------------------------------------------- a client's read
+
+QUERY = msg(b"Q", b"select 1\x00")
+SYNC = msg(b"S")
+
+
+@pytest.mark.parametrize("messages", SPLITTERS)
+def test_a_read_is_split_into_its_whole_messages(messages) -> None:  # type: ignore[no-untyped-def]
+    data = QUERY + SYNC + QUERY[:7]
+    assert messages(data, 1 << 20) == ([(ord("Q"), 0, 14), (ord("S"), 14, 19)], 19, -1)
+    assert messages(bytearray(data), 1 << 20) == messages(data, 1 << 20)  # the session's buffer
+    assert messages(b"", 1 << 20) == ([], 0, -1)
+    assert messages(QUERY[:4], 1 << 20) == ([], 0, -1)  # not even a header
+
+
+@pytest.mark.parametrize("messages", SPLITTERS)
+def test_framing_stops_at_a_bad_length_and_names_it(messages) -> None:  # type: ignore[no-untyped-def]
+    assert messages(SYNC + b"Q\x00\x00\x00\x03", 1 << 20) == ([(ord("S"), 0, 5)], 5, 3)
+    too_long = b"Q" + struct.pack("!I", 1025) + b"x" * 10
+    assert messages(SYNC + too_long, 1024) == ([(ord("S"), 0, 5)], 5, 1025)
+    # At the limit is fine, even before the message has all arrived.
+    assert messages(b"Q" + struct.pack("!I", 1024), 1024) == ([], 0, -1)
+    assert messages(b"Q" + struct.pack("!I", 0xFFFFFFFF), 1 << 40) == ([], 0, -1)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    parts=st.lists(st.tuples(st.sampled_from(b"QPBEDSCHXFdcf"), st.binary(max_size=12))
+                   .map(lambda kb: msg(bytes([kb[0]]), kb[1])), max_size=8),
+    cut=st.integers(min_value=0, max_value=200),
+    corrupt=st.one_of(st.none(), st.tuples(st.integers(0, 200), st.integers(0, 255))),
+    max_message=st.sampled_from([4, 9, 16, 1 << 20]),
+)
+def test_the_compiled_splitting_agrees_with_the_python_twin(parts, cut, corrupt, max_message) -> None:  # type: ignore[no-untyped-def]
+    if not frames.COMPILED:
+        pytest.skip("proxy._speedups is not built here")
+    data = bytearray(b"".join(parts))
+    data = data[: len(data) - cut % (len(data) + 1)]
+    if corrupt is not None and data:
+        data[corrupt[0] % len(data)] = corrupt[1]
+    assert frames.messages(bytes(data), max_message) == messages_py(bytes(data), max_message)
+    assert frames.messages(data, max_message) == messages_py(data, max_message)
