@@ -133,9 +133,14 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
     # The named statement the prepared workload binds: prepared once, as pgbench does.
     client.data_received(loads["_prepare"][0])
     server.data_received(_msg(b"1", b"") + _msg(b"Z", b"I"))
-    print(f"{'workload':10s} {'us/tx':>7s} {'client writes/tx':>17s}")
-    for name in ("simple", "extended", "prepared"):
-        request, answer = loads[name]
+    print(f"{'workload':12s} {'us/tx':>7s} {'client writes/tx':>17s}")
+    # distinct-10k (bench_pgbench.py): 10,000 texts with distinct fingerprints, cycled; more than
+    # stats.max_fingerprints, so half of them are never tracked.
+    distinct = [_msg(b"Q", b"WITH x%d AS (SELECT abalance FROM pgbench_accounts WHERE aid = %d) SELECT * FROM x%d;\x00"
+                     % (i, i * 7919 % 1_000_000, i)) for i in range(1, 10_001)]
+    for name in ("simple", "extended", "prepared", "distinct-10k"):
+        requests = distinct if name == "distinct-10k" else [loads[name if name != "distinct-10k" else "simple"][0]]
+        answer = loads["simple" if name == "distinct-10k" else name][1]
         prof = cProfile.Profile() if profile else None
         writes0 = client_transport.writes
         best = float("inf")
@@ -143,20 +148,23 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
             start = time.perf_counter()
             if prof:
                 prof.enable()
-            for _ in range(iterations):
-                client.data_received(request)
+            for i in range(iterations):
+                client.data_received(requests[i % len(requests)])
                 server.data_received(answer)
             if prof:
                 prof.disable()
             best = min(best, time.perf_counter() - start)
             assert client.server is None and not server.pending, "transaction did not complete"
         per_tx = (client_transport.writes - writes0) / iterations / (1 if profile else repeats)
-        print(f"{name:10s} {best / iterations * 1e6:7.2f} {per_tx:17.1f}")
+        print(f"{name:12s} {best / iterations * 1e6:7.2f} {per_tx:17.1f}")
         if opcodes:
-            counts = count_opcodes(lambda: (client.data_received(request), server.data_received(answer)), 256)
+            turn = iter(range(1 << 62))
+            counts = count_opcodes(lambda: (client.data_received(requests[next(turn) % len(requests)]),
+                                            server.data_received(answer)), 256 if len(requests) == 1 else 4096)
+            steps = 256 if len(requests) == 1 else 4096
             total = sum(counts.values())
-            print(f"{'':10s} {total / 256:7.0f} bytecodes/tx: "
-                  + ", ".join(f"{fn} {n / 256:.0f}" for fn, n in counts.most_common(int(os.environ.get("OPCODES_TOP", "8")))))
+            print(f"{'':12s} {total / steps:7.0f} bytecodes/tx: "
+                  + ", ".join(f"{fn} {n / steps:.0f}" for fn, n in counts.most_common(int(os.environ.get("OPCODES_TOP", "8")))))
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
