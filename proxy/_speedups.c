@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 /* answer(data: bytes) -> (data_rows, tag) | None
  *
@@ -168,11 +169,137 @@ error:
     return NULL;
 }
 
+/* Byte classes for shape_plain: what \w matches in a bytes pattern (ASCII letters, digits, '_'),
+ * the digits, and the bytes that send a text to the Python path ('"$\-/). */
+#define WORD 1
+#define DIGIT 2
+#define NOT_PLAIN 4
+static unsigned char classes[256];
+
+static void
+init_classes(void)
+{
+    int c;
+    for (c = '0'; c <= '9'; c++)
+        classes[c] = WORD | DIGIT;
+    for (c = 'a'; c <= 'z'; c++)
+        classes[c] = WORD;
+    for (c = 'A'; c <= 'Z'; c++)
+        classes[c] = WORD;
+    classes['_'] = WORD;
+    classes['\''] = classes['"'] = classes['$'] = classes['\\'] = classes['-'] = classes['/'] = NOT_PLAIN;
+}
+
+/* The end of the digits from ``i``. */
+static Py_ssize_t
+digits_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+{
+    while (i < n && (classes[p[i]] & DIGIT))
+        i++;
+    return i;
+}
+
+/* The end of the number that starts at ``i`` (a digit no word byte precedes), or -1. The forms,
+ * longest first as the regex engine backtracks: digits.digits with an exponent, without, then
+ * digits with an exponent, without; the first that a non-word byte (or the end) follows. */
+static Py_ssize_t
+number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+{
+    Py_ssize_t bases[2], base, m;
+    int b;
+
+    bases[1] = digits_end(p, i, n);
+    bases[0] = -1;
+    if (bases[1] + 1 < n && p[bases[1]] == '.' && (classes[p[bases[1] + 1]] & DIGIT))
+        bases[0] = digits_end(p, bases[1] + 1, n);
+    for (b = 0; b < 2; b++) {
+        base = bases[b];
+        if (base < 0)
+            continue;
+        if (base < n && (p[base] == 'e' || p[base] == 'E')) {
+            m = base + 1;
+            if (m < n && p[m] == '+') /* a '-' sends the whole text to the Python path */
+                m++;
+            if (m < n && (classes[p[m]] & DIGIT)) {
+                m = digits_end(p, m, n);
+                if (m == n || !(classes[p[m]] & WORD))
+                    return m;
+            }
+        }
+        if (base == n || !(classes[p[base]] & WORD))
+            return base;
+    }
+    return -1;
+}
+
+/* shape_plain(sql) -> bytes | None
+ *
+ * proxy.fingerprint.shape_plain_py in one pass: None when ``sql`` holds a byte of '"$\-/ (the
+ * Python path decides those), else ``sql`` with every number that _NUMBERS matches made "?".
+ * A number starts at a digit that no ASCII word byte precedes (number_end says where it ends);
+ * a digit run that is no number stays as it is (none of its digits can start one).
+ */
+static PyObject *
+shape_plain(PyObject *module, PyObject *arg)
+{
+    const unsigned char *p;
+    unsigned char *o;
+    Py_ssize_t n, i = 0, run = 0, out = 0, end;
+    PyObject *result = NULL;
+    unsigned char cls, previous = 0;
+
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "shape_plain() takes bytes");
+        return NULL;
+    }
+    p = (const unsigned char *)PyBytes_AS_STRING(arg);
+    n = PyBytes_GET_SIZE(arg);
+    o = NULL;
+    while (i < n) {
+        cls = classes[p[i]];
+        if (cls & NOT_PLAIN) {
+            Py_XDECREF(result);
+            Py_RETURN_NONE;
+        }
+        if (!(cls & DIGIT) || (previous & WORD)) {
+            previous = cls;
+            i++;
+            continue;
+        }
+        end = number_end(p, i, n);
+        if (end < 0) {
+            i = digits_end(p, i, n);
+            previous = WORD;
+            continue;
+        }
+        if (result == NULL) {
+            result = PyBytes_FromStringAndSize(NULL, n);
+            if (result == NULL)
+                return NULL;
+            o = (unsigned char *)PyBytes_AS_STRING(result);
+        }
+        memcpy(o + out, p + run, (size_t)(i - run));
+        out += i - run;
+        o[out++] = '?';
+        run = i = end;
+        previous = 0; /* a number ends before a non-word byte */
+    }
+    if (result == NULL)
+        return Py_NewRef(arg);
+    memcpy(o + out, p + run, (size_t)(n - run));
+    out += n - run;
+    if (_PyBytes_Resize(&result, out) < 0)
+        return NULL;
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"answer", answer, METH_O,
      "answer(data) -> (data_rows, tag) | None: a whole, uneventful server answer, framed."},
     {"messages", (PyCFunction)(void (*)(void))messages, METH_FASTCALL,
      "messages(buf, max_message) -> (frames, stop, bad_length): the whole frontend messages of buf."},
+    {"shape_plain", shape_plain, METH_O,
+     "shape_plain(sql) -> bytes | None: text_shape's plain path (numbers made '?')."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -184,5 +311,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    init_classes();
     return PyModule_Create(&module);
 }

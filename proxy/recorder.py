@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import groupby
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING
 
 from .protocol import rows_in_tag
@@ -27,12 +29,16 @@ log = logging.getLogger(__name__)
 #: (text or its Fingerprint already known (a cache hit), client_encoding, scope, application_name,
 #:  client address, duration s, waited s, rows or the CommandComplete tag to read them from, sqlstate)
 Finished = tuple["bytes | Fingerprint", str, "Scope", str, str, float, float, "int | bytes", "str | None"]
+_SQL, _ENCODING, _SCOPE, _APPLICATION, _DURATION, _WAITED, _ROWS, _SQLSTATE = (
+    itemgetter(i) for i in (0, 1, 2, 3, 5, 6, 7, 8))
+_ID = attrgetter("id")
+_FIRST = itemgetter(0)
 
 
 class Recorder:
     """One per proxy; used from the proxy's event loop only."""
 
-    __slots__ = ("stats", "fingerprinter", "explainer", "delay", "max_batch", "pending", "_timer", "failures")
+    __slots__ = ("stats", "fingerprinter", "explainer", "delay", "max_batch", "pending", "_timer", "failures", "_rows")
 
     def __init__(self, stats: QueryStats, fingerprinter: Fingerprinter, *, explainer: Explainer | None = None,
                  delay: float = 0.02, max_batch: int = 256) -> None:
@@ -44,6 +50,7 @@ class Recorder:
         self.pending: list[Finished] = []
         self._timer: asyncio.TimerHandle | None = None
         self.failures = 0
+        self._rows = _RowCounts()
 
     def add(self, finished: Finished) -> None:
         pending = self.pending
@@ -62,29 +69,94 @@ class Recorder:
         if not batch:
             return
         self.pending = []
-        of_bytes = self.fingerprinter.of_bytes
-        record = self.stats.record
+        stats = self.stats
         now = time.time()
-        counts: dict[bytes, int] = {}  # rows per CommandComplete tag: a batch repeats a few tags
-        for sql, encoding, scope, application_name, client, duration, waited, rows, sqlstate in batch:
+        rows_of = self._rows
+        try:
+            # Fingerprints (a memo hit each: a regex and a dict lookup), then the statements in
+            # groups of one fingerprint and scope, each group counted at once with C builtins
+            # over its items: a batch of `pgbench -S` is one group. Sorting keeps each group's
+            # statements in the order they finished.
+            fingerprints = list(map(self.fingerprinter.of_bytes, map(_SQL, batch), map(_ENCODING, batch)))
+            keys = list(zip(map(_ID, fingerprints), map(id, map(_SCOPE, batch))))
+            groups = len(set(keys))
+        except Exception:  # noqa: BLE001 - a bug here must not take the proxy down
+            self._failed(len(batch), batch[0][4])
+            return
+        if groups * 4 > len(batch) * 3:  # mostly one statement per fingerprint: no grouping
+            self._record_each(batch, fingerprints, now)
+            return
+        order = sorted(range(len(batch)), key=keys.__getitem__) if groups > 1 else range(len(batch))
+        slow_ms = stats.slow_threshold_ms
+        slow: list[tuple[int, SlowQuery | None]] = []  # by position in the batch; None: to report
+        for _, run in groupby(order, keys.__getitem__):
+            group = list(run)
+            first = group[0]
+            fp = fingerprints[first]
+            item = batch[first]
             try:
-                if isinstance(rows, bytes):
-                    count = counts.get(rows)
-                    if count is None:
-                        count = counts[rows] = rows_in_tag(rows)
-                else:
-                    count = rows
-                fp = of_bytes(sql, encoding) if isinstance(sql, bytes) else sql
-                slow = record(fp, scope, application_name, client, duration, waited, count, sqlstate, now)
+                if len(group) == 1:
+                    report = stats.record(fp, item[2], item[3], item[4], item[5], item[6], rows_of[item[7]],
+                                          item[8], now)
+                    if report is not None:
+                        slow.append((first, report))
+                    continue
+                items = list(map(batch.__getitem__, group))
+                durations = list(map(_DURATION, items))
+                stats.record_many(fp, item[2], durations, sum(map(_WAITED, items)),
+                                  sum(map(rows_of.__getitem__, map(_ROWS, items))), set(map(_APPLICATION, items)),
+                                  list(filter(None, map(_SQLSTATE, items))), now)
+                if max(durations) * 1000.0 > slow_ms:
+                    slow.extend((i, None) for i in group if batch[i][5] * 1000.0 > slow_ms)
             except Exception:  # noqa: BLE001 - a bug here must not cost the other statements
-                self.failures += 1
-                if self.failures <= 10:
-                    log.exception("statement_stats_failed", extra={"client": client})
+                self._failed(len(group), item[4])
+        if slow:
+            self._report(batch, fingerprints, sorted(slow, key=_FIRST), now)
+
+    def _record_each(self, batch: list[Finished], fingerprints: list[Fingerprint], now: float) -> None:
+        record = self.stats.record
+        rows_of = self._rows
+        for fp, (_, _, scope, application_name, client, duration, waited, rows, sqlstate) in zip(fingerprints, batch):
+            try:
+                report = record(fp, scope, application_name, client, duration, waited, rows_of[rows], sqlstate, now)
+            except Exception:  # noqa: BLE001 - a bug here must not cost the other statements
+                self._failed(1, client)
                 continue
-            if slow is not None:
-                _log_slow(slow)
+            if report is not None:
+                _log_slow(report)
                 if self.explainer is not None:
                     self.explainer.consider(fp, scope.database, scope.user)
+
+    def _report(self, batch: list[Finished], fingerprints: list[Fingerprint],
+                slow: list[tuple[int, SlowQuery | None]], now: float) -> None:
+        """Log the slow statements of a batch in the order they finished (and consider them for
+        EXPLAIN); those counted in a group are reported to the statistics here."""
+        for i, report in slow:
+            fp = fingerprints[i]
+            _, _, scope, application_name, client, duration, waited, rows, sqlstate = batch[i]
+            if report is None:
+                report = self.stats.report_slow(fp, scope, application_name, client, duration, waited, self._rows[rows],
+                                         sqlstate, now)
+            _log_slow(report)
+            if self.explainer is not None:
+                self.explainer.consider(fp, scope.database, scope.user)
+
+    def _failed(self, statements: int, client: str) -> None:
+        self.failures += statements
+        if self.failures <= 10:
+            log.exception("statement_stats_failed", extra={"client": client, "statements": statements})
+
+
+class _RowCounts(dict[object, int]):
+    """Rows of a statement by what the relay handed over: a count is its own, a CommandComplete
+    tag ("SELECT 1") is read once and remembered (a workload repeats a few tags). Bounded."""
+
+    def __missing__(self, rows: object) -> int:
+        count = rows_in_tag(rows) if isinstance(rows, bytes) else int(rows)  # type: ignore[call-overload]
+        if len(self) >= 4096:
+            self.clear()
+        self[rows] = count
+        return count
 
 
 def _log_slow(slow: SlowQuery) -> None:

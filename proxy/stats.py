@@ -396,8 +396,50 @@ class QueryStats:
 
         if duration * 1000.0 <= self.slow_threshold_ms:
             return None
+        return self.report_slow(fp, scope, application_name, client, duration, wait, rows, sqlstate, now)
+
+    def record_many(self, fp: Fingerprint, scope: Scope, durations: list[float], wait: float, rows: int,
+                    applications: set[str], sqlstates: list[str], now: float) -> None:
+        """``record`` for several statements of one fingerprint and scope at once (the recorder
+        groups its batches): their durations in order, the sums of their waits and rows, their
+        application_names and the SQLSTATEs of those that failed, in order. The same counts as
+        one ``record`` each, except that slow statements are the caller's to report (``report_slow``)."""
+        n = len(durations)
+        entry = self._entries.get(fp.id)
+        if entry is None and (len(self._entries) < self.max_fingerprints or self._admit(fp.id, n)):
+            entry = self._entries[fp.id] = _Entry(fp, now)
+        if entry is not None:
+            pending = entry.pending
+            pending += durations
+            if len(pending) >= FOLD:
+                entry.fold()
+            entry.recent += n
+            entry.rows += rows
+            entry.last_seen = now
+            entry.wait += wait
+            known = entry.applications
+            if not known.issuperset(applications):
+                for application_name in sorted(applications - known):
+                    known.add(application_name if len(known) < MAX_APPLICATION_NAMES else OTHER_APPLICATIONS)
+            if sqlstates:
+                entry.errors += len(sqlstates)
+                entry.last_sqlstate = sqlstates[-1]
+
+        kind = fp.kind
+        stats = scope.kinds.get(kind)
+        if stats is None:
+            stats = scope.kinds[kind] = _KindStats()
+        pending = stats.pending
+        pending += durations
+        if len(pending) >= FOLD:
+            stats.fold()
+        stats.errors += len(sqlstates)
+
+    def report_slow(self, fp: Fingerprint, scope: Scope, application_name: str, client: str, duration: float,
+             wait: float, rows: int, sqlstate: str | None, now: float) -> SlowQuery:
+        """Report a statement over ``slow_threshold_ms`` that was counted already."""
         slow = SlowQuery(
-            fingerprint=fp.id, normalized=fp.normalized, kind=kind,
+            fingerprint=fp.id, normalized=fp.normalized, kind=fp.kind,
             duration_ms=duration * 1000.0, wait_ms=wait * 1000.0, rows=rows, database=scope.database,
             user=scope.user, application_name=application_name, client=client, sqlstate=sqlstate,
             at=now,
@@ -406,11 +448,12 @@ class QueryStats:
         scope.slow += 1
         return slow
 
-    def _admit(self, fingerprint_id: str) -> bool:
-        """The table is full: may ``fingerprint_id`` replace the least significant entry?"""
+    def _admit(self, fingerprint_id: str, calls: int = 1) -> bool:
+        """The table is full: may ``fingerprint_id``, just seen ``calls`` times more, replace the
+        least significant entry?"""
         seen = self._seen
-        sightings = seen.get(fingerprint_id, 0) + 1
-        self._sightings += 1
+        sightings = seen.get(fingerprint_id, 0) + calls
+        self._sightings += calls
         if self._sightings >= AGING_FACTOR * self.max_fingerprints:
             self._age()
             sightings = (sightings + 1) // 2

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import frames
+from proxy import fingerprint, frames
 from proxy.frames import answer_py, messages_py
 
 
@@ -139,3 +139,38 @@ def test_the_compiled_splitting_agrees_with_the_python_twin(parts, cut, corrupt,
         data[corrupt[0] % len(data)] = corrupt[1]
     assert frames.messages(bytes(data), max_message) == messages_py(bytes(data), max_message)
     assert frames.messages(data, max_message) == messages_py(data, max_message)
+
+
+# ----------------------------------------------------------------------------- a text's shape
+
+@pytest.mark.parametrize(
+    ("sql", "shape"),
+    [
+        (b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;", b"SELECT abalance FROM pgbench_accounts WHERE aid = ?;"),
+        (b"select 1.5, 2e10, 3.25E+4, .5, 7.", b"select ?, ?, ?, .?, ?."),
+        (b"x1 t2.c3 1x 1.5x 1.5e 1e5x 1.2.3 12,4", b"x1 t2.c3 1x ?.5x ?.5e 1e5x ?.? ?,?"),
+        (b"WITH x12 AS (SELECT 1) SELECT * FROM x12", b"WITH x12 AS (SELECT ?) SELECT * FROM x12"),
+        (b"in (1,2,3)\xc3\xa99 \xe99", b"in (?,?,?)\xc3\xa9? \xe9?"),  # a non-ASCII byte is no word byte
+        (b"no numbers here", b"no numbers here"),
+        (b"", b""),
+        (b"where a = 'x' and b = 1", None),
+        (b'select "col1" from t where 1', None),
+        (b"select 1 -- comment", None),
+        (b"select $1", None),
+        (b"select 4/2", None),
+        (b"select 0e-0", None),  # the '-' inside an exponent too
+    ],
+)
+def test_a_plain_text_has_its_numbers_made_question_marks(sql: bytes, shape: bytes | None) -> None:
+    assert fingerprint.shape_plain_py(sql) == shape
+    assert fingerprint.shape_plain(sql) == shape
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([b"0", b"1", b"9", b"42", b".", b"e", b"E", b"+", b"x", b"_", b" ", b",", b"(",
+                                 b")", b"a", b"\xc3", b"\xa9", b"\x00", b"-", b"'", b"$", b"/", b"\\", b'"']),
+                max_size=24).map(b"".join))
+def test_the_compiled_shape_agrees_with_the_regex(sql: bytes) -> None:
+    if not frames.COMPILED:
+        pytest.skip("proxy._speedups is not built here")
+    assert fingerprint.shape_plain(sql) == fingerprint.shape_plain_py(sql)
