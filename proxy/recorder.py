@@ -5,8 +5,10 @@ A session hands over one tuple per finished statement (``add``, a list append); 
 few milliseconds later, or as soon as ``max_batch`` statements wait, or before anyone reads the
 statistics (``flush``). The relay answers the client first and does the bookkeeping in one
 tight loop afterwards: measured here, that costs the proxy about half the CPU of recording each
-statement as it finishes (better locality, fewer calls). Slow statements are logged from the
-flush, at most ``delay`` seconds after they finished.
+statement as it finishes (better locality, fewer calls). When fingerprints repeat in a batch,
+each fingerprint and scope is counted once for all its statements (``QueryStats.record_many``,
+C builtins over the group). Slow statements are logged from the flush, in the order they
+finished, at most ``delay`` seconds after.
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ Finished = tuple["bytes | Fingerprint", str, "Scope", str, str, float, float, "i
 _SQL, _ENCODING, _SCOPE, _APPLICATION, _DURATION, _WAITED, _ROWS, _SQLSTATE = (
     itemgetter(i) for i in (0, 1, 2, 3, 5, 6, 7, 8))
 _ID = attrgetter("id")
-_FIRST = itemgetter(0)
 
 
 class Recorder:
@@ -88,30 +89,23 @@ class Recorder:
             return
         order = sorted(range(len(batch)), key=keys.__getitem__) if groups > 1 else range(len(batch))
         slow_ms = stats.slow_threshold_ms
-        slow: list[tuple[int, SlowQuery | None]] = []  # by position in the batch; None: to report
+        slow: list[int] = []  # positions in the batch, reported in that order once all is counted
         for _, run in groupby(order, keys.__getitem__):
             group = list(run)
-            first = group[0]
-            fp = fingerprints[first]
-            item = batch[first]
+            item = batch[group[0]]
             try:
-                if len(group) == 1:
-                    report = stats.record(fp, item[2], item[3], item[4], item[5], item[6], rows_of[item[7]],
-                                          item[8], now)
-                    if report is not None:
-                        slow.append((first, report))
-                    continue
                 items = list(map(batch.__getitem__, group))
                 durations = list(map(_DURATION, items))
-                stats.record_many(fp, item[2], durations, sum(map(_WAITED, items)),
+                stats.record_many(fingerprints[group[0]], item[2], durations, sum(map(_WAITED, items)),
                                   sum(map(rows_of.__getitem__, map(_ROWS, items))), set(map(_APPLICATION, items)),
                                   list(filter(None, map(_SQLSTATE, items))), now)
                 if max(durations) * 1000.0 > slow_ms:
-                    slow.extend((i, None) for i in group if batch[i][5] * 1000.0 > slow_ms)
+                    slow.extend(i for i in group if batch[i][5] * 1000.0 > slow_ms)
             except Exception:  # noqa: BLE001 - a bug here must not cost the other statements
                 self._failed(len(group), item[4])
         if slow:
-            self._report(batch, fingerprints, sorted(slow, key=_FIRST), now)
+            slow.sort()
+            self._report(batch, fingerprints, slow, now)
 
     def _record_each(self, batch: list[Finished], fingerprints: list[Fingerprint], now: float) -> None:
         record = self.stats.record
@@ -123,23 +117,21 @@ class Recorder:
                 self._failed(1, client)
                 continue
             if report is not None:
-                _log_slow(report)
-                if self.explainer is not None:
-                    self.explainer.consider(fp, scope.database, scope.user)
+                self._slow(report, fp, scope)
 
-    def _report(self, batch: list[Finished], fingerprints: list[Fingerprint],
-                slow: list[tuple[int, SlowQuery | None]], now: float) -> None:
-        """Log the slow statements of a batch in the order they finished (and consider them for
-        EXPLAIN); those counted in a group are reported to the statistics here."""
-        for i, report in slow:
+    def _report(self, batch: list[Finished], fingerprints: list[Fingerprint], slow: list[int], now: float) -> None:
+        """Report and log the slow statements of a batch counted in groups (at ``slow``, in the
+        order they finished), and consider them for EXPLAIN."""
+        for i in slow:
             fp = fingerprints[i]
             _, _, scope, application_name, client, duration, waited, rows, sqlstate = batch[i]
-            if report is None:
-                report = self.stats.report_slow(fp, scope, application_name, client, duration, waited, self._rows[rows],
-                                         sqlstate, now)
-            _log_slow(report)
-            if self.explainer is not None:
-                self.explainer.consider(fp, scope.database, scope.user)
+            self._slow(self.stats.report_slow(fp, scope, application_name, client, duration, waited, self._rows[rows],
+                                              sqlstate, now), fp, scope)
+
+    def _slow(self, report: SlowQuery, fp: Fingerprint, scope: Scope) -> None:
+        _log_slow(report)
+        if self.explainer is not None:
+            self.explainer.consider(fp, scope.database, scope.user)
 
     def _failed(self, statements: int, client: str) -> None:
         self.failures += statements

@@ -365,3 +365,58 @@ def test_pretty_sql() -> None:
     assert pretty_sql("") == ""
     long = "select " + ", ".join(f"c{i}" for i in range(1000)) + " from t"
     assert pretty_sql(long) == long  # too long to be worth sqlparse's time
+
+
+# ----------------------------------------------------------------------------- the recorder's batches
+
+_TEXTS = [b"SELECT * FROM t WHERE id = 1", b"SELECT * FROM t WHERE id = 22", b"UPDATE t SET a = 3",
+          b"SELECT * FROM u", b"select 'x' from t"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(
+    st.tuples(
+        st.sampled_from(range(len(_TEXTS))), st.sampled_from(range(2)), st.sampled_from(["web", "cron", ""]),
+        st.sampled_from([0.0001, 0.002, 0.02, 0.4, 0.7, 3.0]), st.sampled_from([0.0, 0.001]),
+        st.sampled_from([0, 3, b"SELECT 1", b"UPDATE 7", b"CREATE TABLE"]), st.sampled_from([None, None, "57014"]),
+    ),
+    min_size=1, max_size=300,
+))
+def test_a_batch_counted_in_groups_equals_one_statement_at_a_time(statements: list[tuple[Any, ...]]) -> None:
+    """The recorder counts a batch in groups of one fingerprint and scope (record_many) when
+    fingerprints repeat, else one statement at a time (record): every figure, the slow-query
+    ring and its order are what recording each statement in turn gives."""
+    import asyncio
+
+    from proxy.protocol import rows_in_tag
+    from proxy.recorder import Recorder
+
+    grouped, reference = QueryStats(slow_threshold_ms=500.0), QueryStats(slow_threshold_ms=500.0)
+    fingerprinter = Fingerprinter()
+    scopes = [grouped.scope("app", "alice"), grouped.scope("app", "bob")]
+    batch = [(_TEXTS[t], "utf-8", scopes[s], app, f"10.0.0.{s}:1", duration, wait, rows, sqlstate)
+             for t, s, app, duration, wait, rows, sqlstate in statements]
+    recorder = Recorder(grouped, fingerprinter)
+
+    async def flush() -> None:
+        recorder.pending = list(batch)
+        recorder.flush()
+
+    asyncio.run(flush())
+    for sql, _, scope, app, client, duration, wait, rows, sqlstate in batch:
+        count = rows_in_tag(rows) if isinstance(rows, bytes) else rows
+        reference.record(fingerprinter.of_bytes(sql), reference.scope(scope.database, scope.user), app, client,
+                         duration, wait, count, sqlstate, 0.0)
+    assert recorder.failures == 0
+    assert _comparable(grouped.top("calls", 50)) == _comparable(reference.top("calls", 50))
+    assert grouped.snapshot().queries == reference.snapshot().queries
+    assert {k: (h.buckets, round(h.sum, 9)) for k, h in grouped.snapshot().durations.items()} == {
+        k: (h.buckets, round(h.sum, 9)) for k, h in reference.snapshot().durations.items()}
+    assert grouped.snapshot().slow == reference.snapshot().slow
+    assert [(s.fingerprint, s.duration_ms, s.rows, s.application_name, s.sqlstate) for s in grouped.slow(500)] == [
+        (s.fingerprint, s.duration_ms, s.rows, s.application_name, s.sqlstate) for s in reference.slow(500)]
+
+
+def _comparable(snaps: list[FingerprintSnapshot]) -> list[tuple[Any, ...]]:
+    return sorted((s.id, s.calls, s.errors, s.rows, round(s.total_ms, 6), s.min_ms, s.max_ms, s.buckets,
+                   tuple(sorted(s.application_names)), round(s.wait_ms_total, 6), s.last_sqlstate) for s in snaps)
