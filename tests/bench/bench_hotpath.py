@@ -108,7 +108,8 @@ def count_opcodes(step: Callable[[], object], n: int) -> Counter[str]:
     return counts
 
 
-async def measure(iterations: int, profile: bool, repeats: int, stats: bool = True, opcodes: bool = False) -> None:
+async def measure(iterations: int, profile: bool, repeats: int, stats: bool = True, opcodes: bool = False,
+                  only: str | None = None) -> None:
     overrides = {"upstream.dsn": "postgresql://bench@127.0.0.1:1/bench", "stats.enabled": stats}
     settings = load_settings(None, env={}, overrides=overrides)
     listener = ProxyServer(settings, parse_dsn(settings.upstream.dsn))
@@ -139,8 +140,13 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
     distinct = [_msg(b"Q", b"WITH x%d AS (SELECT abalance FROM pgbench_accounts WHERE aid = %d) SELECT * FROM x%d;\x00"
                      % (i, i * 7919 % 1_000_000, i)) for i in range(1, 10_001)]
     for name in ("simple", "extended", "prepared", "distinct-10k"):
+        if only is not None and name != only:
+            continue
         requests = distinct if name == "distinct-10k" else [loads[name if name != "distinct-10k" else "simple"][0]]
         answer = loads["simple" if name == "distinct-10k" else name][1]
+        for request in requests if len(requests) > 1 else ():  # each text fingerprinted once before
+            client.data_received(request)
+            server.data_received(answer)
         prof = cProfile.Profile() if profile else None
         writes0 = client_transport.writes
         best = float("inf")
@@ -177,9 +183,11 @@ def main() -> None:
     p.add_argument("--no-stats", action="store_true", help="stats.enabled: false (measurement off)")
     p.add_argument("--opcodes", action="store_true",
                    help="also count the Python bytecodes per transaction (repeatable on a noisy machine)")
+    p.add_argument("--only", choices=("simple", "extended", "prepared", "distinct-10k"),
+                   help="one workload (e.g. for callgrind: instructions per transaction, noise-free)")
     p.add_argument("--tree", help="measure the proxy code of another checkout (A/B comparisons)")
     args = p.parse_args()
-    asyncio.run(measure(args.iterations, args.profile, args.repeats, not args.no_stats, args.opcodes))
+    asyncio.run(measure(args.iterations, args.profile, args.repeats, not args.no_stats, args.opcodes, args.only))
 
 
 if __name__ == "__main__":
