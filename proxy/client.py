@@ -1007,10 +1007,12 @@ class ClientSession(asyncio.Protocol):
             return
         sql, start, waited, executed = entry
         if executed or sqlstate is not None:  # else a Parse/Describe-only segment: nothing ran
-            self._recorder.add(  # type: ignore[union-attr]  # measure is off without one
-                (sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
-                 time.monotonic() - start, waited, rows, sqlstate)
-            )
+            recorder = self._recorder  # (Recorder.add, inline: once per statement)
+            pending = recorder.pending  # type: ignore[union-attr]  # measure is off without one
+            pending.append((sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
+                            time.monotonic() - start, waited, rows, sqlstate))
+            if len(pending) == 1 or len(pending) >= recorder.max_batch:  # type: ignore[union-attr]
+                recorder.added()  # type: ignore[union-attr]
 
     def _record(self, sql: bytes | Fingerprint, start: float, waited: float, rows: int, sqlstate: str | None) -> None:
         self._recorder.add(  # type: ignore[union-attr]

@@ -56,10 +56,16 @@ class Recorder:
     def add(self, finished: Finished) -> None:
         pending = self.pending
         pending.append(finished)
-        if len(pending) == 1:
-            self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)
-        elif len(pending) >= self.max_batch:
+        if len(pending) == 1 or len(pending) >= self.max_batch:
+            self.added()
+
+    def added(self) -> None:
+        """A statement was appended to ``pending`` (the relay appends its own, then calls this
+        when ``pending`` holds one statement or ``max_batch``): arm the timer, or flush."""
+        if len(self.pending) >= self.max_batch:
             self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)
 
     def flush(self) -> None:
         """Record everything waiting. Never raises: a failure is logged and counted."""
@@ -79,12 +85,16 @@ class Recorder:
             # over its items: a batch of `pgbench -S` is one group. Sorting keeps each group's
             # statements in the order they finished.
             fingerprints = list(map(self.fingerprinter.of_bytes, map(_SQL, batch), map(_ENCODING, batch)))
-            keys = list(zip(map(_ID, fingerprints), map(id, map(_SCOPE, batch))))
-            groups = len(set(keys))
+            distinct = len(set(map(_ID, fingerprints)))
+            if distinct * 4 > len(batch) * 3:  # mostly one statement per fingerprint: no grouping
+                keys = None
+            else:
+                keys = list(zip(map(_ID, fingerprints), map(id, map(_SCOPE, batch))))
+                groups = len(set(keys))
         except Exception:  # noqa: BLE001 - a bug here must not take the proxy down
             self._failed(len(batch), batch[0][4])
             return
-        if groups * 4 > len(batch) * 3:  # mostly one statement per fingerprint: no grouping
+        if keys is None:
             self._record_each(batch, fingerprints, now)
             return
         order = sorted(range(len(batch)), key=keys.__getitem__) if groups > 1 else range(len(batch))
