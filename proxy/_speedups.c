@@ -203,7 +203,7 @@ digits_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
  * longest first as the regex engine backtracks: digits.digits with an exponent, without, then
  * digits with an exponent, without; the first that a non-word byte (or the end) follows. */
 static Py_ssize_t
-number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, int strict)
 {
     Py_ssize_t bases[2], base, m;
     int b;
@@ -218,7 +218,7 @@ number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
             continue;
         if (base < n && (p[base] == 'e' || p[base] == 'E')) {
             m = base + 1;
-            if (m < n && p[m] == '+') /* a '-' sends the whole text to the Python path */
+            if (m < n && (p[m] == '+' || (!strict && p[m] == '-'))) /* strict: a '-' sends the text to Python */
                 m++;
             if (m < n && (classes[p[m]] & DIGIT)) {
                 m = digits_end(p, m, n);
@@ -232,41 +232,42 @@ number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
     return -1;
 }
 
-/* shape_plain(sql) -> bytes | None
- *
- * proxy.fingerprint.shape_plain_py in one pass: None when ``sql`` holds a byte of '"$\-/ (the
- * Python path decides those), else ``sql`` with every number that _NUMBERS matches made "?".
- * A number starts at a digit that no ASCII word byte precedes (number_end says where it ends);
- * a digit run that is no number stays as it is (none of its digits can start one).
+/* The shape of ``sql`` with its numbers made "?", or None (the Python path decides). None when
+ * ``sql`` holds a byte of '"$\; and when ``strict``, a '-' or a '/' too, else only a "--" or a "/*"
+ * (a comment). A number starts at a digit that no ASCII word byte precedes (number_end says
+ * where it ends); a digit run that is no number stays as it is (none of its digits can start one).
  */
 static PyObject *
-shape_plain(PyObject *module, PyObject *arg)
+shape(PyObject *arg, int strict)
 {
     const unsigned char *p;
     unsigned char *o;
     Py_ssize_t n, i = 0, run = 0, out = 0, end;
     PyObject *result = NULL;
-    unsigned char cls, previous = 0;
+    unsigned char c, cls, previous = 0;
 
     if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "shape_plain() takes bytes");
+        PyErr_SetString(PyExc_TypeError, "a text's shape needs bytes");
         return NULL;
     }
     p = (const unsigned char *)PyBytes_AS_STRING(arg);
     n = PyBytes_GET_SIZE(arg);
     o = NULL;
     while (i < n) {
-        cls = classes[p[i]];
+        c = p[i];
+        cls = classes[c];
         if (cls & NOT_PLAIN) {
-            Py_XDECREF(result);
-            Py_RETURN_NONE;
+            if (strict || !(c == '-' || c == '/') || (i + 1 < n && p[i + 1] == (c == '-' ? '-' : '*'))) {
+                Py_XDECREF(result);
+                Py_RETURN_NONE;
+            }
         }
         if (!(cls & DIGIT) || (previous & WORD)) {
             previous = cls;
             i++;
             continue;
         }
-        end = number_end(p, i, n);
+        end = number_end(p, i, n, strict);
         if (end < 0) {
             i = digits_end(p, i, n);
             previous = WORD;
@@ -293,13 +294,31 @@ shape_plain(PyObject *module, PyObject *arg)
     return result;
 }
 
+/* shape_plain(sql) -> bytes | None: proxy.fingerprint.shape_plain_py (the cache's plain texts:
+ * no '"$\-/ at all, so that their numbers are all their literals). */
+static PyObject *
+shape_plain(PyObject *module, PyObject *arg)
+{
+    return shape(arg, 1);
+}
+
+/* shape_numbers(sql) -> bytes | None: proxy.fingerprint.shape_numbers_py (the memo key of a text
+ * whose only literals are numbers: a lone '-' or '/' is an operator, "--" and "/*" comments). */
+static PyObject *
+shape_numbers(PyObject *module, PyObject *arg)
+{
+    return shape(arg, 0);
+}
+
 static PyMethodDef methods[] = {
     {"answer", answer, METH_O,
      "answer(data) -> (data_rows, tag) | None: a whole, uneventful server answer, framed."},
     {"messages", (PyCFunction)(void (*)(void))messages, METH_FASTCALL,
      "messages(buf, max_message) -> (frames, stop, bad_length): the whole frontend messages of buf."},
     {"shape_plain", shape_plain, METH_O,
-     "shape_plain(sql) -> bytes | None: text_shape's plain path (numbers made '?')."},
+     "shape_plain(sql) -> bytes | None: a plain text's numbers made '?' (no '\"$\\-/ in it)."},
+    {"shape_numbers", shape_numbers, METH_O,
+     "shape_numbers(sql) -> bytes | None: text_shape's fast path (numbers made '?'; no quote, $, \\ or comment)."},
     {NULL, NULL, 0, NULL},
 };
 

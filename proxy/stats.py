@@ -457,19 +457,22 @@ class QueryStats:
         if self._sightings >= AGING_FACTOR * self.max_fingerprints:
             self._age()
             sightings = (sightings + 1) // 2
-        entries = self._entries
         victims = self._victims
-        while victims and entries.get(victims[-1].fingerprint.id) is not victims[-1]:
-            victims.pop()  # evicted meanwhile, or reset
         if not victims:
+            entries = self._entries
             count = max(1, int(len(entries) * EVICT_FRACTION))
             victims[:] = heapq.nsmallest(count, entries.values(), key=_SIGNIFICANCE)[::-1]
+        # Every victim is still in the table: only this method evicts (the victim it pops) and
+        # reset() empties the victims with the table. (Checked once more where one is evicted.)
         victim = victims[-1]
         self._evicted += 1  # the victim, or else the newcomer
         if sightings <= victim.recent + ADMIT_MARGIN:
             seen[fingerprint_id] = sightings
             return False
         victims.pop()
+        entries = self._entries
+        if entries.get(victim.fingerprint.id) is not victim:  # never, as said above: evict nobody
+            return False
         del entries[victim.fingerprint.id]
         seen.pop(fingerprint_id, None)
         return True

@@ -9,6 +9,12 @@ under cProfile (``--profile``). Not a test: it asserts nothing about speed.
     python tests/bench/bench_hotpath.py [--iterations N] [--repeats N] [--profile] [--opcodes]
     python tests/bench/bench_hotpath.py --tree /other/checkout   # the same, for another version
     OPCODES_TOP=30 python tests/bench/bench_hotpath.py --opcodes   # more functions than the top 8
+    python tests/bench/bench_hotpath.py --instructions simple [--no-stats] [--tree DIR]
+
+``--instructions WORKLOAD`` counts the CPU instructions of one transaction, C included (the regex
+engine, the allocator, the extension): it runs this script twice under valgrind's callgrind, with
+N and 2N iterations of that workload, and divides the difference by N. Unlike a time, the count
+does not depend on how busy the machine is (about ±0.5 % run to run); it needs valgrind.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import os
 import asyncio
 import cProfile
 import pstats
+import re
 import struct
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -175,6 +183,22 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
             pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
+def instructions(workload: str, iterations: int, extra: list[str]) -> int:
+    """CPU instructions per transaction of ``workload``: callgrind's totals for 2N and N iterations."""
+    totals = []
+    for n in (iterations, 2 * iterations):
+        done = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+             "--only", workload, "--repeats", "1", "--iterations", str(n), *extra],
+            capture_output=True, text=True, check=True,
+        )
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"no instruction count from callgrind:\n{done.stderr[-2000:]}")
+        totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) // iterations
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=30_000)
@@ -186,7 +210,15 @@ def main() -> None:
     p.add_argument("--only", choices=("simple", "extended", "prepared", "distinct-10k"),
                    help="one workload (e.g. for callgrind: instructions per transaction, noise-free)")
     p.add_argument("--tree", help="measure the proxy code of another checkout (A/B comparisons)")
+    p.add_argument("--instructions", choices=("simple", "extended", "prepared", "distinct-10k"),
+                   help="CPU instructions per transaction of one workload, under callgrind (needs valgrind)")
     args = p.parse_args()
+    if args.instructions:
+        extra = (["--no-stats"] if args.no_stats else []) + (["--tree", args.tree] if args.tree else [])
+        count = instructions(args.instructions, 4000, extra)
+        print(f"{args.instructions}: {count} CPU instructions per transaction"
+              f"{' (statistics off)' if args.no_stats else ''}")
+        return
     asyncio.run(measure(args.iterations, args.profile, args.repeats, not args.no_stats, args.opcodes, args.only))
 
 

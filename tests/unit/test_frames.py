@@ -166,11 +166,36 @@ def test_a_plain_text_has_its_numbers_made_question_marks(sql: bytes, shape: byt
     assert fingerprint.shape_plain(sql) == shape
 
 
-@settings(max_examples=2000, deadline=None)
+@pytest.mark.parametrize(
+    ("sql", "shape"),
+    [
+        (b"UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 7;",
+         b"UPDATE pgbench_accounts SET abalance = abalance + -? WHERE aid = ?;"),
+        (b"select 4/2, 1e-5, a-1", b"select ?/?, ?, a-?"),
+        (b"select 1 -- comment 2", None),
+        (b"select 1 /* 2 */", None),
+        (b"select 1e--5", None),
+        (b"select '1'", None),
+        (b"select $1", None),
+        (b'select "c1"', None),
+        (b"select 1 \\ 2", None),
+    ],
+)
+def test_a_text_whose_literals_are_numbers_is_shaped_at_once(sql: bytes, shape: bytes | None) -> None:
+    """text_shape's fast path: a lone '-' or '/' is an operator (the cache's plain texts still
+    exclude them); comments, quotes, '$' and backslashes go to the regex path."""
+    assert fingerprint.shape_numbers_py(sql) == shape
+    assert fingerprint.shape_numbers(sql) == shape
+    assert fingerprint.text_shape(sql) == (shape if shape is not None else fingerprint._unplain_shape(sql))
+
+
+@settings(max_examples=3000, deadline=None)
 @given(st.lists(st.sampled_from([b"0", b"1", b"9", b"42", b".", b"e", b"E", b"+", b"x", b"_", b" ", b",", b"(",
-                                 b")", b"a", b"\xc3", b"\xa9", b"\x00", b"-", b"'", b"$", b"/", b"\\", b'"']),
+                                 b")", b"a", b"\xc3", b"\xa9", b"\x00", b"-", b"'", b"$", b"/", b"\\", b'"',
+                                 b"*", b"\n"]),
                 max_size=24).map(b"".join))
-def test_the_compiled_shape_agrees_with_the_regex(sql: bytes) -> None:
+def test_the_compiled_shapes_agree_with_the_regex(sql: bytes) -> None:
     if not frames.COMPILED:
         pytest.skip("proxy._speedups is not built here")
     assert fingerprint.shape_plain(sql) == fingerprint.shape_plain_py(sql)
+    assert fingerprint.shape_numbers(sql) == fingerprint.shape_numbers_py(sql)
