@@ -294,6 +294,92 @@ shape(PyObject *arg, int strict)
     return result;
 }
 
+/* The end of the quoted string that starts at ``i`` ('...' with '' for a quote), or -1: the
+ * first lone quote closes it; an unterminated string ends after the first quote of its last ''
+ * (where the regex engine's greedy loop backtracks to), or does not match at all without one.
+ */
+static Py_ssize_t
+string_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+{
+    Py_ssize_t j = i + 1, last_pair = -1;
+    while (j < n) {
+        if (p[j] != '\'') {
+            j++;
+        } else if (j + 1 < n && p[j + 1] == '\'') {
+            last_pair = j;
+            j += 2;
+        } else {
+            return j + 1;
+        }
+    }
+    return last_pair >= 0 ? last_pair + 1 : -1;
+}
+
+/* shape_quoted(sql) -> bytes | None: proxy.fingerprint.shape_quoted_py, the regex _SHAPE with "?"
+ * for every match, for a text with no '"', '$', backslash, "--" or "/*" (None for the others):
+ * each '...' string and each number becomes "?". A number here starts at a digit that no word
+ * byte and no '.' precedes, and ends where no word byte follows (number_end, exponent sign + or -).
+ */
+static PyObject *
+shape_quoted(PyObject *module, PyObject *arg)
+{
+    const unsigned char *p;
+    unsigned char *o;
+    Py_ssize_t n, i = 0, run = 0, out = 0, end;
+    PyObject *result = NULL;
+    unsigned char c;
+
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "a text's shape needs bytes");
+        return NULL;
+    }
+    p = (const unsigned char *)PyBytes_AS_STRING(arg);
+    n = PyBytes_GET_SIZE(arg);
+    o = NULL;
+    /* First the bytes that send the text to the regex: a match found before one of them would
+     * have been shaped in vain. */
+    for (i = 0; i < n; i++) {
+        c = p[i];
+        if (c == '"' || c == '$' || c == '\\' || (i + 1 < n && ((c == '-' && p[i + 1] == '-') || (c == '/' && p[i + 1] == '*'))))
+            Py_RETURN_NONE;
+    }
+    i = 0;
+    while (i < n) {
+        c = p[i];
+        end = -1;
+        if (c == '\'') {
+            end = string_end(p, i, n);
+        } else if ((classes[c] & DIGIT) && (i == 0 || (!(classes[p[i - 1]] & WORD) && p[i - 1] != '.'))) {
+            end = number_end(p, i, n, 0);
+            if (end < 0) {
+                i = digits_end(p, i, n); /* none of the run's digits can start a number */
+                continue;
+            }
+        }
+        if (end < 0) {
+            i++;
+            continue;
+        }
+        if (result == NULL) {
+            result = PyBytes_FromStringAndSize(NULL, n);
+            if (result == NULL)
+                return NULL;
+            o = (unsigned char *)PyBytes_AS_STRING(result);
+        }
+        memcpy(o + out, p + run, (size_t)(i - run));
+        out += i - run;
+        o[out++] = '?';
+        run = i = end;
+    }
+    if (result == NULL)
+        return Py_NewRef(arg);
+    memcpy(o + out, p + run, (size_t)(n - run));
+    out += n - run;
+    if (_PyBytes_Resize(&result, out) < 0)
+        return NULL;
+    return result;
+}
+
 /* shape_plain(sql) -> bytes | None: proxy.fingerprint.shape_plain_py (the cache's plain texts:
  * no '"$\-/ at all, so that their numbers are all their literals). */
 static PyObject *
@@ -319,6 +405,8 @@ static PyMethodDef methods[] = {
      "shape_plain(sql) -> bytes | None: a plain text's numbers made '?' (no '\"$\\-/ in it)."},
     {"shape_numbers", shape_numbers, METH_O,
      "shape_numbers(sql) -> bytes | None: text_shape's fast path (numbers made '?'; no quote, $, \\ or comment)."},
+    {"shape_quoted", shape_quoted, METH_O,
+     "shape_quoted(sql) -> bytes | None: '...' strings and numbers made '?' (no \", $, \\ or comment)."},
     {NULL, NULL, 0, NULL},
 };
 

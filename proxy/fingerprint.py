@@ -451,15 +451,28 @@ def text_shape(sql: bytes) -> bytes:
     return shape if shape is not None else _unplain_shape(sql)
 
 
+def shape_quoted_py(sql: bytes) -> bytes | None:
+    """``_unplain_shape`` of a text with quoted strings but no token the shape keeps or that could
+    fool it (no double quote, comment, ``$`` or backslash): every string and number made ``?``, the
+    regex with a constant; None for any other text. ``_speedups.shape_quoted`` in C: the
+    recruiter app's texts through psycopg2 carry their strings inline."""
+    if b'"' in sql or b"\\" in sql or b"$" in sql or b"--" in sql or b"/*" in sql:
+        return None
+    return _SHAPE.sub(b"?", sql)
+
+
+try:
+    from ._speedups import shape_quoted
+except ImportError:  # no C compiler when the package was installed
+    shape_quoted = shape_quoted_py
+
+
 def _unplain_shape(sql: bytes) -> bytes:
     """``text_shape`` of a text ``shape_numbers`` leaves to it (a quote, ``$``, backslash or comment)."""
-    keeps = b'"' in sql or b"--" in sql or b"/*" in sql  # a token _shape_token keeps may be in it
-    escapes = b"\\" in sql or b"$" in sql
-    if not keeps and not escapes:
-        # Nothing to keep: the same as the callback gives, with a constant (no Python call per
-        # literal: a text with 50 quoted strings cost 50 calls).
-        return _NUMBERS.sub(b"?", sql) if b"'" not in sql else _SHAPE.sub(b"?", sql)
-    if escapes and _UNSHAPEABLE.search(sql) is not None:
+    shape = shape_quoted(sql)
+    if shape is not None:
+        return shape
+    if (b"\\" in sql or b"$" in sql) and _UNSHAPEABLE.search(sql) is not None:
         return sql
     return _SHAPE.sub(_shape_token, sql)
 

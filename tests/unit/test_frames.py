@@ -189,6 +189,30 @@ def test_a_text_whose_literals_are_numbers_is_shaped_at_once(sql: bytes, shape: 
     assert fingerprint.text_shape(sql) == (shape if shape is not None else fingerprint._unplain_shape(sql))
 
 
+@pytest.mark.parametrize(
+    ("sql", "shape"),
+    [
+        (b"SELECT * FROM jobs WHERE status = 'open' AND company_id = 12", b"SELECT * FROM jobs WHERE status = ? AND company_id = ?"),
+        (b"select 'it''s', 'a', x.5, t1.c2, 1e-5, 'q'5", b"select ?, ?, x.5, t1.c2, ?, ??"),
+        (b"select 'unterminated 12", b"select 'unterminated ?"),
+        (b"select 'a''b", b"select ?'b"),  # where the regex backtracks to
+        (b"select 4 - 'x'", b"select ? - ?"),
+        (b"select 'x' -- c", None),
+        (b"select 'x' /* c */", None),
+        (b"select E'\\n'", None),
+        (b"select $$x$$", None),
+        (b'select "c" from t where a = \'x\'', None),
+    ],
+)
+def test_a_text_with_quoted_strings_is_shaped_at_once(sql: bytes, shape: bytes | None) -> None:
+    """_unplain_shape's fast path: strings and numbers made '?', as the regex does, for a text
+    with no double quote, comment, '$' or backslash."""
+    assert fingerprint.shape_quoted_py(sql) == shape
+    assert fingerprint.shape_quoted(sql) == shape
+    if shape is not None:
+        assert fingerprint.text_shape(sql) == shape
+
+
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(st.sampled_from([b"0", b"1", b"9", b"42", b".", b"e", b"E", b"+", b"x", b"_", b" ", b",", b"(",
                                  b")", b"a", b"\xc3", b"\xa9", b"\x00", b"-", b"'", b"$", b"/", b"\\", b'"',
@@ -199,3 +223,4 @@ def test_the_compiled_shapes_agree_with_the_regex(sql: bytes) -> None:
         pytest.skip("proxy._speedups is not built here")
     assert fingerprint.shape_plain(sql) == fingerprint.shape_plain_py(sql)
     assert fingerprint.shape_numbers(sql) == fingerprint.shape_numbers_py(sql)
+    assert fingerprint.shape_quoted(sql) == fingerprint.shape_quoted_py(sql)
