@@ -232,6 +232,68 @@ number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, int strict)
     return -1;
 }
 
+/* A text's shape being written: the literals found so far replaced by "?", the output made on
+ * the first one (a text with none is its own shape). */
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t n;
+    Py_ssize_t run; /* start of the input not copied yet */
+    Py_ssize_t out;
+    unsigned char *o;
+    PyObject *result;
+} Shaper;
+
+static int
+shaper_begin(Shaper *sh, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "a text's shape needs bytes");
+        return -1;
+    }
+    sh->p = (const unsigned char *)PyBytes_AS_STRING(arg);
+    sh->n = PyBytes_GET_SIZE(arg);
+    sh->run = sh->out = 0;
+    sh->o = NULL;
+    sh->result = NULL;
+    return 0;
+}
+
+/* Replace the input from ``start`` to ``end`` by "?". */
+static int
+shaper_mark(Shaper *sh, Py_ssize_t start, Py_ssize_t end)
+{
+    if (sh->result == NULL) {
+        sh->result = PyBytes_FromStringAndSize(NULL, sh->n);
+        if (sh->result == NULL)
+            return -1;
+        sh->o = (unsigned char *)PyBytes_AS_STRING(sh->result);
+    }
+    memcpy(sh->o + sh->out, sh->p + sh->run, (size_t)(start - sh->run));
+    sh->out += start - sh->run;
+    sh->o[sh->out++] = '?';
+    sh->run = end;
+    return 0;
+}
+
+static PyObject *
+shaper_none(Shaper *sh)
+{
+    Py_XDECREF(sh->result);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+shaper_finish(Shaper *sh, PyObject *arg)
+{
+    if (sh->result == NULL)
+        return Py_NewRef(arg);
+    memcpy(sh->o + sh->out, sh->p + sh->run, (size_t)(sh->n - sh->run));
+    sh->out += sh->n - sh->run;
+    if (_PyBytes_Resize(&sh->result, sh->out) < 0)
+        return NULL;
+    return sh->result;
+}
+
 /* The shape of ``sql`` with its numbers made "?", or None (the Python path decides). None when
  * ``sql`` holds a byte of '"$\; and when ``strict``, a '-' or a '/' too, else only a "--" or a "/*"
  * (a comment). A number starts at a digit that no ASCII word byte precedes (number_end says
@@ -240,28 +302,21 @@ number_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, int strict)
 static PyObject *
 shape(PyObject *arg, int strict)
 {
+    Shaper sh;
     const unsigned char *p;
-    unsigned char *o;
-    Py_ssize_t n, i = 0, run = 0, out = 0, end;
-    PyObject *result = NULL;
+    Py_ssize_t n, i = 0, end;
     unsigned char c, cls, previous = 0;
 
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "a text's shape needs bytes");
+    if (shaper_begin(&sh, arg) < 0)
         return NULL;
-    }
-    p = (const unsigned char *)PyBytes_AS_STRING(arg);
-    n = PyBytes_GET_SIZE(arg);
-    o = NULL;
+    p = sh.p;
+    n = sh.n;
     while (i < n) {
         c = p[i];
         cls = classes[c];
-        if (cls & NOT_PLAIN) {
-            if (strict || !(c == '-' || c == '/') || (i + 1 < n && p[i + 1] == (c == '-' ? '-' : '*'))) {
-                Py_XDECREF(result);
-                Py_RETURN_NONE;
-            }
-        }
+        if ((cls & NOT_PLAIN)
+            && (strict || !(c == '-' || c == '/') || (i + 1 < n && p[i + 1] == (c == '-' ? '-' : '*'))))
+            return shaper_none(&sh);
         if (!(cls & DIGIT) || (previous & WORD)) {
             previous = cls;
             i++;
@@ -273,25 +328,12 @@ shape(PyObject *arg, int strict)
             previous = WORD;
             continue;
         }
-        if (result == NULL) {
-            result = PyBytes_FromStringAndSize(NULL, n);
-            if (result == NULL)
-                return NULL;
-            o = (unsigned char *)PyBytes_AS_STRING(result);
-        }
-        memcpy(o + out, p + run, (size_t)(i - run));
-        out += i - run;
-        o[out++] = '?';
-        run = i = end;
+        if (shaper_mark(&sh, i, end) < 0)
+            return NULL;
+        i = end;
         previous = 0; /* a number ends before a non-word byte */
     }
-    if (result == NULL)
-        return Py_NewRef(arg);
-    memcpy(o + out, p + run, (size_t)(n - run));
-    out += n - run;
-    if (_PyBytes_Resize(&result, out) < 0)
-        return NULL;
-    return result;
+    return shaper_finish(&sh, arg);
 }
 
 /* The end of the quoted string that starts at ``i`` ('...' with '' for a quote), or -1: the
@@ -323,19 +365,15 @@ string_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
 static PyObject *
 shape_quoted(PyObject *module, PyObject *arg)
 {
+    Shaper sh;
     const unsigned char *p;
-    unsigned char *o;
-    Py_ssize_t n, i = 0, run = 0, out = 0, end;
-    PyObject *result = NULL;
+    Py_ssize_t n, i, end;
     unsigned char c;
 
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "a text's shape needs bytes");
+    if (shaper_begin(&sh, arg) < 0)
         return NULL;
-    }
-    p = (const unsigned char *)PyBytes_AS_STRING(arg);
-    n = PyBytes_GET_SIZE(arg);
-    o = NULL;
+    p = sh.p;
+    n = sh.n;
     /* First the bytes that send the text to the regex: a match found before one of them would
      * have been shaped in vain. */
     for (i = 0; i < n; i++) {
@@ -360,24 +398,11 @@ shape_quoted(PyObject *module, PyObject *arg)
             i++;
             continue;
         }
-        if (result == NULL) {
-            result = PyBytes_FromStringAndSize(NULL, n);
-            if (result == NULL)
-                return NULL;
-            o = (unsigned char *)PyBytes_AS_STRING(result);
-        }
-        memcpy(o + out, p + run, (size_t)(i - run));
-        out += i - run;
-        o[out++] = '?';
-        run = i = end;
+        if (shaper_mark(&sh, i, end) < 0)
+            return NULL;
+        i = end;
     }
-    if (result == NULL)
-        return Py_NewRef(arg);
-    memcpy(o + out, p + run, (size_t)(n - run));
-    out += n - run;
-    if (_PyBytes_Resize(&result, out) < 0)
-        return NULL;
-    return result;
+    return shaper_finish(&sh, arg);
 }
 
 /* shape_plain(sql) -> bytes | None: proxy.fingerprint.shape_plain_py (the cache's plain texts:
