@@ -1,10 +1,13 @@
-"""The relay's framing of a server read: the C function and its Python twin agree, and the
-fast path of a server connection hands a read it cannot take whole to the full path."""
+"""proxy/_speedups.c and its Python twins: the relay's framing of both sides' reads and the memo
+keys of statement texts. Each C function gives what its twin gives, on examples and on generated
+input.
+
+The test environment builds the extension (`pip install -e '.[test]'` with a C compiler and
+Python's headers; `.ci/run` installs gcc): without it these tests fail rather than skip, since the
+C code is what the proxy runs wherever it can be built."""
 from __future__ import annotations
 
-import shutil
 import struct
-import sysconfig
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +15,20 @@ from hypothesis import strategies as st
 
 from proxy import fingerprint, frames
 from proxy.frames import answer_py, messages_py
+
+try:
+    from proxy import _speedups as speedups
+except ImportError as exc:  # every test below that needs it fails with this
+    speedups = None
+    _MISSING = (f"proxy._speedups is not built ({exc}): install a C compiler and Python's headers, "
+                "then `pip install -e '.[test]'` again")
+
+
+def compiled(name: str):  # type: ignore[no-untyped-def]
+    """The C function ``name`` of proxy._speedups; the test fails when the extension is missing."""
+    if speedups is None:
+        pytest.fail(_MISSING)
+    return getattr(speedups, name)
 
 
 def msg(kind: bytes, body: bytes = b"") -> bytes:
@@ -26,24 +43,22 @@ def data_row(value: bytes) -> bytes:
     return msg(b"D", b"\x00\x01" + struct.pack("!I", len(value)) + value)
 
 
-IMPLEMENTATIONS = [pytest.param(answer_py, id="python")]
-SPLITTERS = [pytest.param(messages_py, id="python")]
-if frames.COMPILED:
-    IMPLEMENTATIONS.append(pytest.param(frames.answer, id="c"))
-    SPLITTERS.append(pytest.param(frames.messages, id="c"))
+IMPLEMENTATIONS = [pytest.param(lambda: answer_py, id="python"), pytest.param(lambda: compiled("answer"), id="c")]
+SPLITTERS = [pytest.param(lambda: messages_py, id="python"), pytest.param(lambda: compiled("messages"), id="c")]
 
 
-def test_the_extension_is_built_where_a_compiler_is() -> None:
-    """setup.py builds proxy._speedups when it can; a machine with a C compiler and Python's
-    headers that ends up without it has a broken build, not a slow path by choice."""
-    include = sysconfig.get_paths()["include"]
-    if shutil.which("cc") is None or not (include and __import__("os").path.exists(f"{include}/Python.h")):
-        pytest.skip("no C compiler or no Python headers here: the Python twin is the one in use")
-    assert frames.COMPILED, "proxy._speedups was not built: run `pip install -e .` again"
+def test_the_proxy_runs_the_compiled_functions() -> None:
+    """Where the extension is built the proxy uses it, not the twins."""
+    assert frames.COMPILED
+    assert frames.answer is compiled("answer") and frames.messages is compiled("messages")
+    assert fingerprint.shape_plain is compiled("shape_plain")
+    assert fingerprint.shape_numbers is compiled("shape_numbers")
+    assert fingerprint.shape_quoted is compiled("shape_quoted")
 
 
-@pytest.mark.parametrize("answer", IMPLEMENTATIONS)
-def test_a_select_answer_is_framed(answer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_select_answer_is_framed(implementation) -> None:  # type: ignore[no-untyped-def]
+    answer = implementation()
     rows = data_row(b"1") + data_row(b"22") + data_row(b"")
     data = ROW_DESCRIPTION + rows + msg(b"C", b"SELECT 3\x00") + READY
     assert answer(data) == (3, b"SELECT 3")
@@ -53,7 +68,7 @@ def test_a_select_answer_is_framed(answer) -> None:  # type: ignore[no-untyped-d
     assert answer(bytearray(data)) == (3, b"SELECT 3")  # any buffer, not only bytes
 
 
-@pytest.mark.parametrize("answer", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "data",
     [
@@ -70,8 +85,8 @@ def test_a_select_answer_is_framed(answer) -> None:  # type: ignore[no-untyped-d
         pytest.param(b"D\xff\xff\xff\xff" + READY, id="length past the end"),
     ],
 )
-def test_reads_that_are_not_a_whole_uneventful_answer(answer, data: bytes) -> None:  # type: ignore[no-untyped-def]
-    assert answer(data) is None
+def test_reads_that_are_not_a_whole_uneventful_answer(implementation, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    assert implementation()(data) is None
 
 
 _messages = st.tuples(
@@ -88,13 +103,12 @@ _messages = st.tuples(
     corrupt=st.one_of(st.none(), st.tuples(st.integers(0, 200), st.integers(0, 255))),
 )
 def test_the_compiled_framing_agrees_with_the_python_twin(parts, cut, junk, corrupt) -> None:  # type: ignore[no-untyped-def]
-    if not frames.COMPILED:
-        pytest.skip("proxy._speedups is not built here")
+    answer = compiled("answer")
     data = bytearray(b"".join(parts) + READY)
     data = data[: len(data) - cut % (len(data) + 1)] + junk if cut % 3 == 0 else data
     if corrupt is not None and data:
         data[corrupt[0] % len(data)] = corrupt[1]
-    assert frames.answer(bytes(data)) == answer_py(bytes(data))
+    assert answer(bytes(data)) == answer_py(bytes(data))
 
 
 # ----------------------------------------------------------------------------- a client's read
@@ -103,8 +117,9 @@ QUERY = msg(b"Q", b"select 1\x00")
 SYNC = msg(b"S")
 
 
-@pytest.mark.parametrize("messages", SPLITTERS)
-def test_a_read_is_split_into_its_whole_messages(messages) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("implementation", SPLITTERS)
+def test_a_read_is_split_into_its_whole_messages(implementation) -> None:  # type: ignore[no-untyped-def]
+    messages = implementation()
     data = QUERY + SYNC + QUERY[:7]
     assert messages(data, 1 << 20) == ([(ord("Q"), 0, 14), (ord("S"), 14, 19)], 19, -1)
     assert messages(bytearray(data), 1 << 20) == messages(data, 1 << 20)  # the session's buffer
@@ -112,8 +127,9 @@ def test_a_read_is_split_into_its_whole_messages(messages) -> None:  # type: ign
     assert messages(QUERY[:4], 1 << 20) == ([], 0, -1)  # not even a header
 
 
-@pytest.mark.parametrize("messages", SPLITTERS)
-def test_framing_stops_at_a_bad_length_and_names_it(messages) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("implementation", SPLITTERS)
+def test_framing_stops_at_a_bad_length_and_names_it(implementation) -> None:  # type: ignore[no-untyped-def]
+    messages = implementation()
     assert messages(SYNC + b"Q\x00\x00\x00\x03", 1 << 20) == ([(ord("S"), 0, 5)], 5, 3)
     too_long = b"Q" + struct.pack("!I", 1025) + b"x" * 10
     assert messages(SYNC + too_long, 1024) == ([(ord("S"), 0, 5)], 5, 1025)
@@ -131,14 +147,13 @@ def test_framing_stops_at_a_bad_length_and_names_it(messages) -> None:  # type: 
     max_message=st.sampled_from([4, 9, 16, 1 << 20]),
 )
 def test_the_compiled_splitting_agrees_with_the_python_twin(parts, cut, corrupt, max_message) -> None:  # type: ignore[no-untyped-def]
-    if not frames.COMPILED:
-        pytest.skip("proxy._speedups is not built here")
+    messages = compiled("messages")
     data = bytearray(b"".join(parts))
     data = data[: len(data) - cut % (len(data) + 1)]
     if corrupt is not None and data:
         data[corrupt[0] % len(data)] = corrupt[1]
-    assert frames.messages(bytes(data), max_message) == messages_py(bytes(data), max_message)
-    assert frames.messages(data, max_message) == messages_py(data, max_message)
+    assert messages(bytes(data), max_message) == messages_py(bytes(data), max_message)
+    assert messages(data, max_message) == messages_py(data, max_message)
 
 
 # ----------------------------------------------------------------------------- a text's shape
@@ -163,7 +178,7 @@ def test_the_compiled_splitting_agrees_with_the_python_twin(parts, cut, corrupt,
 )
 def test_a_plain_text_has_its_numbers_made_question_marks(sql: bytes, shape: bytes | None) -> None:
     assert fingerprint.shape_plain_py(sql) == shape
-    assert fingerprint.shape_plain(sql) == shape
+    assert compiled("shape_plain")(sql) == shape
 
 
 @pytest.mark.parametrize(
@@ -185,7 +200,7 @@ def test_a_text_whose_literals_are_numbers_is_shaped_at_once(sql: bytes, shape: 
     """text_shape's fast path: a lone '-' or '/' is an operator (the cache's plain texts still
     exclude them); comments, quotes, '$' and backslashes go to the regex path."""
     assert fingerprint.shape_numbers_py(sql) == shape
-    assert fingerprint.shape_numbers(sql) == shape
+    assert compiled("shape_numbers")(sql) == shape
     assert fingerprint.text_shape(sql) == (shape if shape is not None else fingerprint._unplain_shape(sql))
 
 
@@ -208,7 +223,7 @@ def test_a_text_with_quoted_strings_is_shaped_at_once(sql: bytes, shape: bytes |
     """_unplain_shape's fast path: strings and numbers made '?', as the regex does, for a text
     with no double quote, comment, '$' or backslash."""
     assert fingerprint.shape_quoted_py(sql) == shape
-    assert fingerprint.shape_quoted(sql) == shape
+    assert compiled("shape_quoted")(sql) == shape
     if shape is not None:
         assert fingerprint.text_shape(sql) == shape
 
@@ -219,8 +234,6 @@ def test_a_text_with_quoted_strings_is_shaped_at_once(sql: bytes, shape: bytes |
                                  b"*", b"\n"]),
                 max_size=24).map(b"".join))
 def test_the_compiled_shapes_agree_with_the_regex(sql: bytes) -> None:
-    if not frames.COMPILED:
-        pytest.skip("proxy._speedups is not built here")
-    assert fingerprint.shape_plain(sql) == fingerprint.shape_plain_py(sql)
-    assert fingerprint.shape_numbers(sql) == fingerprint.shape_numbers_py(sql)
-    assert fingerprint.shape_quoted(sql) == fingerprint.shape_quoted_py(sql)
+    assert compiled("shape_plain")(sql) == fingerprint.shape_plain_py(sql)
+    assert compiled("shape_numbers")(sql) == fingerprint.shape_numbers_py(sql)
+    assert compiled("shape_quoted")(sql) == fingerprint.shape_quoted_py(sql)
