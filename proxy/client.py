@@ -1007,18 +1007,18 @@ class ClientSession(asyncio.Protocol):
             return
         sql, start, waited, executed = entry
         if executed or sqlstate is not None:  # else a Parse/Describe-only segment: nothing ran
-            recorder = self._recorder  # (Recorder.add, inline: once per statement)
-            pending = recorder.pending  # type: ignore[union-attr]  # measure is off without one
-            pending.append((sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
-                            time.monotonic() - start, waited, rows, sqlstate))
-            if len(pending) == 1 or len(pending) >= recorder.max_batch:  # type: ignore[union-attr]
-                recorder.added()  # type: ignore[union-attr]
+            self._record(sql, start, waited, rows, sqlstate)
 
-    def _record(self, sql: bytes | Fingerprint, start: float, waited: float, rows: int, sqlstate: str | None) -> None:
-        self._recorder.add(  # type: ignore[union-attr]
-            (sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
-             time.monotonic() - start, waited, rows, sqlstate)
-        )
+    def _record(self, sql: bytes | Fingerprint, start: float, waited: float, rows: int | bytes,
+                sqlstate: str | None) -> None:
+        """Hand a finished statement to the recorder: appended to its batch here (once per
+        statement, no call into the recorder but to arm its timer or flush a full batch)."""
+        recorder = self._recorder
+        pending = recorder.pending  # type: ignore[union-attr]  # measure is off without one
+        pending.append((sql, self._encoding, self._scope, self._app, self.peer,  # type: ignore[arg-type]
+                        time.monotonic() - start, waited, rows, sqlstate))
+        if len(pending) == 1 or len(pending) >= recorder.max_batch:  # type: ignore[union-attr]
+            recorder.added()  # type: ignore[union-attr]
 
     def statement_stale(self, name: bytes) -> None:
         self.pool.forget_statement(name)  # type: ignore[union-attr]

@@ -439,18 +439,6 @@ def shape_numbers_py(sql: bytes) -> bytes | None:
     return _NUMBERS.sub(b"?", sql)
 
 
-try:
-    from ._speedups import shape_numbers, shape_plain
-except ImportError:  # no C compiler when the package was installed
-    shape_numbers, shape_plain = shape_numbers_py, shape_plain_py
-
-
-def text_shape(sql: bytes) -> bytes:
-    """The memo key for ``sql``: literal values replaced, everything else as it is."""
-    shape = shape_numbers(sql)
-    return shape if shape is not None else _unplain_shape(sql)
-
-
 def shape_quoted_py(sql: bytes) -> bytes | None:
     """``_unplain_shape`` of a text with quoted strings but no token the shape keeps or that could
     fool it (no double quote, comment, ``$`` or backslash): every string and number made ``?``, the
@@ -461,10 +449,16 @@ def shape_quoted_py(sql: bytes) -> bytes | None:
     return _SHAPE.sub(b"?", sql)
 
 
-try:
-    from ._speedups import shape_quoted
+try:  # the three in C (proxy/_speedups.c), where it was built
+    from ._speedups import shape_numbers, shape_plain, shape_quoted
 except ImportError:  # no C compiler when the package was installed
-    shape_quoted = shape_quoted_py
+    shape_numbers, shape_plain, shape_quoted = shape_numbers_py, shape_plain_py, shape_quoted_py
+
+
+def text_shape(sql: bytes) -> bytes:
+    """The memo key for ``sql``: literal values replaced, everything else as it is."""
+    shape = shape_numbers(sql)
+    return shape if shape is not None else _unplain_shape(sql)
 
 
 def _unplain_shape(sql: bytes) -> bytes:

@@ -75,5 +75,3 @@ try:
     from ._speedups import answer, messages
 except ImportError:  # no C compiler when the package was installed: the same loops in Python
     answer, messages = answer_py, messages_py
-
-COMPILED = answer is not answer_py

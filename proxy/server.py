@@ -17,10 +17,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .frames import answer as frame_answer
 from . import protocol as pq
 from .auth import AuthFailed, ServerAuthenticator
 from .errors import ProxyError
+from .frames import answer as frame_answer
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -436,7 +436,7 @@ class QueryStats:
         stats.errors += len(sqlstates)
 
     def report_slow(self, fp: Fingerprint, scope: Scope, application_name: str, client: str, duration: float,
-             wait: float, rows: int, sqlstate: str | None, now: float) -> SlowQuery:
+                    wait: float, rows: int, sqlstate: str | None, now: float) -> SlowQuery:
         """Report a statement over ``slow_threshold_ms`` that was counted already."""
         slow = SlowQuery(
             fingerprint=fp.id, normalized=fp.normalized, kind=fp.kind,
@@ -463,17 +463,14 @@ class QueryStats:
             count = max(1, int(len(entries) * EVICT_FRACTION))
             victims[:] = heapq.nsmallest(count, entries.values(), key=_SIGNIFICANCE)[::-1]
         # Every victim is still in the table: only this method evicts (the victim it pops) and
-        # reset() empties the victims with the table. (Checked once more where one is evicted.)
+        # reset() empties the victims with the table.
         victim = victims[-1]
         self._evicted += 1  # the victim, or else the newcomer
         if sightings <= victim.recent + ADMIT_MARGIN:
             seen[fingerprint_id] = sightings
             return False
         victims.pop()
-        entries = self._entries
-        if entries.get(victim.fingerprint.id) is not victim:  # never, as said above: evict nobody
-            return False
-        del entries[victim.fingerprint.id]
+        del self._entries[victim.fingerprint.id]
         seen.pop(fingerprint_id, None)
         return True
 

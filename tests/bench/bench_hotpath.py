@@ -19,9 +19,9 @@ does not depend on how busy the machine is (about ±0.5 % run to run); it needs 
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import cProfile
+import os
 import pstats
 import re
 import struct
@@ -60,6 +60,9 @@ class CountingTransport:
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
+
+
+WORKLOADS = ("simple", "extended", "prepared", "distinct-10k")
 
 
 def _msg(kind: bytes, body: bytes) -> bytes:
@@ -147,10 +150,10 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
     # stats.max_fingerprints, so half of them are never tracked.
     distinct = [_msg(b"Q", b"WITH x%d AS (SELECT abalance FROM pgbench_accounts WHERE aid = %d) SELECT * FROM x%d;\x00"
                      % (i, i * 7919 % 1_000_000, i)) for i in range(1, 10_001)]
-    for name in ("simple", "extended", "prepared", "distinct-10k"):
+    for name in WORKLOADS:
         if only is not None and name != only:
             continue
-        requests = distinct if name == "distinct-10k" else [loads[name if name != "distinct-10k" else "simple"][0]]
+        requests = distinct if name == "distinct-10k" else [loads[name][0]]
         answer = loads["simple" if name == "distinct-10k" else name][1]
         for request in requests if len(requests) > 1 else ():  # each text fingerprinted once before
             client.data_received(request)
@@ -173,9 +176,9 @@ async def measure(iterations: int, profile: bool, repeats: int, stats: bool = Tr
         print(f"{name:12s} {best / iterations * 1e6:7.2f} {per_tx:17.1f}")
         if opcodes:
             turn = iter(range(1 << 62))
-            counts = count_opcodes(lambda: (client.data_received(requests[next(turn) % len(requests)]),
-                                            server.data_received(answer)), 256 if len(requests) == 1 else 4096)
             steps = 256 if len(requests) == 1 else 4096
+            counts = count_opcodes(lambda: (client.data_received(requests[next(turn) % len(requests)]),
+                                            server.data_received(answer)), steps)
             total = sum(counts.values())
             print(f"{'':12s} {total / steps:7.0f} bytecodes/tx: "
                   + ", ".join(f"{fn} {n / steps:.0f}" for fn, n in counts.most_common(int(os.environ.get("OPCODES_TOP", "8")))))
@@ -207,10 +210,10 @@ def main() -> None:
     p.add_argument("--no-stats", action="store_true", help="stats.enabled: false (measurement off)")
     p.add_argument("--opcodes", action="store_true",
                    help="also count the Python bytecodes per transaction (repeatable on a noisy machine)")
-    p.add_argument("--only", choices=("simple", "extended", "prepared", "distinct-10k"),
+    p.add_argument("--only", choices=WORKLOADS,
                    help="one workload (e.g. for callgrind: instructions per transaction, noise-free)")
     p.add_argument("--tree", help="measure the proxy code of another checkout (A/B comparisons)")
-    p.add_argument("--instructions", choices=("simple", "extended", "prepared", "distinct-10k"),
+    p.add_argument("--instructions", choices=WORKLOADS,
                    help="CPU instructions per transaction of one workload, under callgrind (needs valgrind)")
     args = p.parse_args()
     if args.instructions:

@@ -1,6 +1,7 @@
 """proxy.stats: per-fingerprint statistics, aggregated counters and the slow-query ring (pure)."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -8,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.fingerprint import Fingerprint, Fingerprinter
+from proxy.protocol import rows_in_tag
+from proxy.recorder import Recorder
 from proxy.stats import (
     FOLD,
     LATENCY_BUCKETS,
@@ -386,11 +389,6 @@ def test_a_batch_counted_in_groups_equals_one_statement_at_a_time(statements: li
     """The recorder counts a batch in groups of one fingerprint and scope (record_many) when
     fingerprints repeat, else one statement at a time (record): every figure, the slow-query
     ring and its order are what recording each statement in turn gives."""
-    import asyncio
-
-    from proxy.protocol import rows_in_tag
-    from proxy.recorder import Recorder
-
     grouped, reference = QueryStats(slow_threshold_ms=500.0), QueryStats(slow_threshold_ms=500.0)
     fingerprinter = Fingerprinter()
     scopes = [grouped.scope("app", "alice"), grouped.scope("app", "bob")]
