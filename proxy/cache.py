@@ -96,7 +96,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple
 
 from .fingerprint import Fingerprint
 
@@ -164,9 +164,9 @@ _TABLESAMPLE = re.compile(r"\btablesample\b", re.IGNORECASE)
 _REPEATABLE = re.compile(r"\brepeatable\b", re.IGNORECASE)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Whether one statement's result may be cached, for how long and under which tables."""
+class Decision(NamedTuple):
+    """Whether one statement's result may be cached, for how long and under which tables. (A
+    named tuple: made on every cache miss, ~0.2 µs against ~1.5 µs for a frozen dataclass.)"""
 
     cacheable: bool
     ttl: float  # seconds; 0.0 when not cacheable
@@ -208,6 +208,50 @@ def _system_table(table: str) -> bool:
     return parts[0] == "information_schema" or any(part.startswith("pg_") for part in parts)
 
 
+# What ``decide`` reads off a Fingerprint alone, per Fingerprint object (the fingerprinter hands
+# out one object per statement shape): (the object, the first bypass reason found before the
+# text's literals are looked at, the first one after). Holding the object keeps its id from being
+# reused while the entry lives. ~0.3 µs per cache miss against ~6 µs to recompute.
+_structures: dict[int, tuple[Fingerprint, str, str]] = {}
+_STRUCTURES = 10_000
+
+
+def _structure(fp: Fingerprint) -> tuple[Fingerprint, str, str]:
+    found = _structures.get(id(fp))
+    if found is not None and found[0] is fp:
+        return found
+    early = late = ""
+    if not fp.parsed:
+        early = "unparsed"
+    elif fp.kind != "select":
+        early = "not_select"
+    elif fp.statements != 1:
+        early = "multi_statement"
+    elif fp.locking:
+        early = "locking"
+    elif not fp.read_only:
+        early = "not_read_only"
+    else:
+        for function in fp.functions:
+            if volatile_function(function):
+                early = "volatile_function:" + function.rsplit(".", 1)[-1]
+                break
+    for table in fp.tables:
+        if _system_table(table):
+            late = "system_table:" + table
+            break
+    else:
+        normalized = fp.normalized
+        if (("ample" in normalized or "AMPLE" in normalized)  # cheap screen first
+                and _TABLESAMPLE.search(normalized) is not None
+                and _REPEATABLE.search(normalized) is None):
+            late = "tablesample"
+    if len(_structures) >= _STRUCTURES:
+        _structures.clear()
+    found = _structures[id(fp)] = (fp, early, late)
+    return found
+
+
 def decide(fp: Fingerprint, sql: bytes, *, mode: str, in_transaction: bool, default_ttl: float) -> Decision:
     """May the result of ``sql`` (fingerprinted as ``fp``) be cached, and for how long?"""
     tables = fp.tables
@@ -220,38 +264,11 @@ def decide(fp: Fingerprint, sql: bytes, *, mode: str, in_transaction: bool, defa
         return Decision(False, 0.0, "nocache_hint", tables)
     if mode == "hinted" and hint != "cache":
         return Decision(False, 0.0, "not_hinted", tables)
-    reason = ""
     if in_transaction:
         reason = "in_transaction"
-    elif not fp.parsed:
-        reason = "unparsed"
-    elif fp.kind != "select":
-        reason = "not_select"
-    elif fp.statements != 1:
-        reason = "multi_statement"
-    elif fp.locking:
-        reason = "locking"
-    elif not fp.read_only:
-        reason = "not_read_only"
     else:
-        for function in fp.functions:
-            if volatile_function(function):
-                reason = "volatile_function:" + function.rsplit(".", 1)[-1]
-                break
-        else:
-            if volatile_literal(sql):
-                reason = "volatile_literal"
-            else:
-                for table in tables:
-                    if _system_table(table):
-                        reason = "system_table:" + table
-                        break
-                else:
-                    normalized = fp.normalized
-                    if (("ample" in normalized or "AMPLE" in normalized)  # cheap screen first
-                            and _TABLESAMPLE.search(normalized) is not None
-                            and _REPEATABLE.search(normalized) is None):
-                        reason = "tablesample"
+        _, early, late = _structure(fp)
+        reason = early or ("volatile_literal" if volatile_literal(sql) else late)
     if reason:
         return Decision(False, 0.0, reason, tables)
     ttl = default_ttl if hinted_ttl is None else hinted_ttl

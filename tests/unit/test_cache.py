@@ -175,6 +175,40 @@ def test_cacheable_selects(sql: str, tables: tuple[str, ...]) -> None:
     assert decision(sql, default_ttl=12.0) == Decision(True, 12.0, "", tables)
 
 
+@pytest.mark.parametrize(("sql", "reason"), [
+    pytest.param("select now() from pg_class", "volatile_function:now", id="function-before-system-table"),
+    pytest.param("select * from pg_class where d = 'now'::date", "volatile_literal", id="literal-before-system-table"),
+    pytest.param("select * from jobs tablesample system (1) where d = 'today'::date", "volatile_literal",
+                 id="literal-before-tablesample"),
+    pytest.param("select random() from jobs tablesample system (1)", "volatile_function:random",
+                 id="function-before-tablesample"),
+    pytest.param("select * from pg_class for update", "locking", id="locking-before-system-table"),
+])
+def test_the_first_reason_in_the_documented_order_wins(sql: str, reason: str) -> None:
+    assert decision(sql).reason == reason
+
+
+def test_what_decide_remembers_of_a_fingerprint_never_covers_its_literal_values(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Texts differing only in a literal share one Fingerprint object (the fingerprinter's memo by
+    shape), and what decide keeps per object is read off the object alone: a special time literal
+    is still found in the one text that has it, in any order, with the memo warm, cold or cleared
+    in between (a bound of 2 objects)."""
+    monkeypatch.setattr(cache_module, "_STRUCTURES", 2)
+    fingerprinter = Fingerprinter()
+    texts = [b"select * from jobs where d = 'now'::date", b"select * from jobs where d = '2026-12-07'::date",
+             b"select * from pg_class where d = 'x'::date", b"select * from jobs where d = 'today'::date",
+             b"select 1 from jobs for update", b"select * from jobs where d = 'tomorrow'::date"]
+    expected = ["volatile_literal", "", "system_table:pg_class", "volatile_literal", "locking", "volatile_literal"]
+    assert fingerprinter.of_bytes(texts[0]) is fingerprinter.of_bytes(texts[1])  # one object, two verdicts
+    for order in (range(6), reversed(range(6)), [1, 0, 1, 0, 2, 4, 3, 5, 1]):
+        for i in order:
+            got = decide(fingerprinter.of_bytes(texts[i]), texts[i], mode="all", in_transaction=False,
+                         default_ttl=60.0)
+            assert (got.reason, got.cacheable) == (expected[i], not expected[i]), texts[i]
+    assert len(cache_module._structures) <= 2
+
+
 def test_in_transaction_bypasses_a_cacheable_select() -> None:
     assert decision("select * from jobs", in_transaction=True).reason == "in_transaction"
     assert decision("/* pgsidecar:cache */ select * from jobs", mode="hinted", in_transaction=True).reason == (
