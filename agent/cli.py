@@ -116,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def reachable(host: str) -> str:
+    """A listening address as a client on this host writes it in a URL: a wildcard address
+    ("0.0.0.0", "::", "") as this host's loopback, an IPv6 address in brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 async def _run(settings: Settings) -> int:
     from aiohttp import web
 
@@ -150,8 +160,8 @@ async def _run(settings: Settings) -> int:
     user = upstream.user or "postgres"
     database = upstream.database or user
     print(
-        f"pgsidecar: proxy listening; connect with postgresql://{user}@{proxy.host}:{proxy.port}/{database}\n"
-        f"pgsidecar: agent on http://{settings.agent.host}:{settings.agent.port}/healthz",
+        f"pgsidecar: proxy listening; connect with postgresql://{user}@{reachable(proxy.host)}:{proxy.port}/{database}\n"
+        f"pgsidecar: agent on http://{reachable(settings.agent.host)}:{settings.agent.port}/healthz",
         flush=True,
     )
     stop = asyncio.Event()
