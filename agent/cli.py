@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         "install-triggers",
         help="put the cache's invalidation trigger on tables (every table of the database when none is named)")
     install.add_argument("tables", nargs="*", metavar="TABLE", help="table names, optionally schema-qualified")
-    remove = cache_sub.add_parser("remove-triggers", help="drop every cache invalidation trigger and its function")
+    remove = cache_sub.add_parser(
+        "remove-triggers",
+        help="drop the cache's invalidation trigger from tables (every trigger, its functions and the DDL event "
+             "triggers when none is named)")
+    remove.add_argument("tables", nargs="*", metavar="TABLE", help="table names, optionally schema-qualified")
     for p in (install, remove):
         common(p)
         p.add_argument("--database", help="database to work in (default: the upstream DSN's)")
@@ -180,7 +184,7 @@ async def _run(settings: Settings) -> int:
 
 
 async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
-    """``pgsidecar cache install-triggers [TABLE ...]`` / ``remove-triggers`` on the upstream."""
+    """``pgsidecar cache install-triggers [TABLE ...]`` / ``remove-triggers [TABLE ...]`` on the upstream."""
     import asyncpg
 
     from proxy.invalidation import install_event_triggers, install_triggers, remove_triggers
@@ -195,7 +199,7 @@ async def _cache_command(settings: Settings, args: argparse.Namespace) -> int:
             events = await install_event_triggers(conn)
             verb = "installed on"
         else:
-            done = await remove_triggers(conn)
+            done = await remove_triggers(conn, list(args.tables) or None)
             verb = "removed from"
     except (ValueError, asyncpg.PostgresError) as exc:
         print(f"pgsidecar: cache: {exc}", file=sys.stderr)

@@ -369,16 +369,7 @@ async def install_triggers(conn: Any, tables: list[str] | None = None) -> list[s
     One transaction: all or nothing.
     """
     if tables:
-        resolved: list[tuple[str, str]] = []
-        for name in tables:
-            row = await conn.fetchrow(
-                "SELECT n.nspname, c.relname, c.relkind::text AS relkind FROM pg_class AS c "
-                "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)", name)
-            if row is None:
-                raise ValueError(f"table {name!r} does not exist")
-            if row["relkind"] not in ("r", "p"):
-                raise ValueError(f"{name!r} is not a table (triggers can only be put on tables)")
-            resolved.append((row["nspname"], row["relname"]))
+        resolved = await _resolve_tables(conn, tables)
     else:
         resolved = [(r["nspname"], r["relname"]) for r in await conn.fetch(_ALL_TABLES_SQL)]
     async with conn.transaction():
@@ -386,6 +377,22 @@ async def install_triggers(conn: Any, tables: list[str] | None = None) -> list[s
         for schema, table in resolved:
             await conn.execute(trigger_sql(schema, table))
     return [f"{schema}.{table}" for schema, table in resolved]
+
+
+async def _resolve_tables(conn: Any, tables: list[str]) -> list[tuple[str, str]]:
+    """(schema, table) of each name as a user types it (``jobs``, ``public.jobs``), resolved with
+    ``to_regclass``; ValueError naming an unknown name or one that is not a table."""
+    resolved: list[tuple[str, str]] = []
+    for name in tables:
+        row = await conn.fetchrow(
+            "SELECT n.nspname, c.relname, c.relkind::text AS relkind FROM pg_class AS c "
+            "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)", name)
+        if row is None:
+            raise ValueError(f"table {name!r} does not exist")
+        if row["relkind"] not in ("r", "p"):
+            raise ValueError(f"{name!r} is not a table (triggers can only be put on tables)")
+        resolved.append((row["nspname"], row["relname"]))
+    return resolved
 
 
 async def install_event_triggers(conn: Any) -> bool:
@@ -399,8 +406,21 @@ async def install_event_triggers(conn: Any) -> bool:
     return True
 
 
-async def remove_triggers(conn: Any) -> list[str]:
-    """Drop every pgsidecar cache trigger and the notify function; return the tables."""
+async def remove_triggers(conn: Any, tables: list[str] | None = None) -> list[str]:
+    """Drop the cache's triggers from ``tables`` (names as ``install_triggers`` takes them; the
+    functions and the DDL event triggers stay for the other tables), or, when None, every
+    pgsidecar cache trigger, the functions and the event triggers. Returns the tables.
+
+    In the same transaction a notification on the DDL channel names the tables: a running
+    sidecar evicts their entries at once and re-reads which tables carry the trigger (then their
+    reads bypass the cache, reason ``no_trigger``), without waiting for its periodic refresh."""
+    if tables:
+        resolved = await _resolve_tables(conn, tables)
+        async with conn.transaction():
+            for schema, table in resolved:
+                await conn.execute(drop_trigger_sql(schema, table))
+            await conn.execute("SELECT pg_notify($1, $2)", DDL_CHANNEL, json.dumps([t for _, t in resolved]))
+        return [f"{schema}.{table}" for schema, table in resolved]
     rows = await conn.fetch(
         "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid "
         "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
@@ -417,6 +437,8 @@ async def remove_triggers(conn: Any) -> list[str]:
             for name in EVENT_TRIGGERS:
                 await conn.execute(f"DROP EVENT TRIGGER IF EXISTS {name}")
             await conn.execute(f"DROP FUNCTION IF EXISTS public.{DDL_FUNCTION}()")
+        if rows:
+            await conn.execute("SELECT pg_notify($1, $2)", DDL_CHANNEL, json.dumps([row[1] for row in rows]))
     return [f"{row[0]}.{row[1]}" for row in rows]
 
 

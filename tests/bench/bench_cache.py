@@ -3,7 +3,9 @@ direct PostgreSQL vs pgsidecar with the cache vs pgsidecar without it vs PgBounc
 
 Owns one run end to end: it creates the database ``pgsidecar_bench_cache`` and fills it with a
 recruiter schema (users, companies, jobs, resumes, matches, predictions; the seed's indexes),
-installs the cache's invalidation trigger on those tables with ``pgsidecar cache install-triggers``,
+installs the cache's invalidation trigger with ``pgsidecar cache install-triggers`` on the tables
+the mix reads (``--trigger-tables`` for others: every write to a table with the trigger NOTIFYs,
+and PostgreSQL commits those one at a time),
 starts PgBouncer, pgsidecar with ``cache.mode: all`` ("pgsidecar-cache") and pgsidecar with
 ``cache.mode: off`` ("pgsidecar-nocache") on free 127.0.0.1 ports (transaction pooling, same pool
 size), runs pgbench with the weighted scripts of ``SCRIPTS`` (90 % reads an app repeats, keys drawn
@@ -64,7 +66,9 @@ import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench is not a package
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the checkout's proxy package
 
+from proxy.invalidation import drop_trigger_sql  # noqa: E402
 from bench_pgbench import (  # noqa: E402
     DEFAULT_DSN,
     RE_ABORTED,
@@ -92,6 +96,10 @@ SCHEMA_VERSION = 1  # bump when the schema or the data generator changes (--skip
 TARGETS = ("direct", "pgsidecar-cache", "pgsidecar-nocache", "pgbouncer")
 PROXIES = ("pgsidecar-cache", "pgsidecar-nocache", "pgbouncer")
 TABLES = ("users", "companies", "jobs", "resumes", "matches", "predictions")
+# The tables the mix reads: the cache's triggers go on these only by default, as the README
+# advises (a trigger's NOTIFY makes PostgreSQL commit its writes one at a time, and nothing here
+# reads users or predictions through the cache). --trigger-tables puts them elsewhere too.
+READ_TABLES = ("companies", "jobs", "resumes", "matches")
 # the cache's targets (issue 4)
 TARGET_HIT_RATIO = 0.70
 TARGET_SPEEDUP = 2.0
@@ -266,9 +274,11 @@ CREATE INDEX idx_prediction_user ON predictions(user_id);
 """
 
 
-def prepare_database(up: Upstream, skip_init: bool, source_dir: Path) -> dict[str, Any]:
+def prepare_database(up: Upstream, skip_init: bool, source_dir: Path,
+                     trigger_tables: tuple[str, ...] = READ_TABLES) -> dict[str, Any]:
     """Create and fill CACHE_DB (unless --skip-init finds it filled by this schema version), trim
-    predictions back to its initial rows, vacuum, and install the cache's triggers on TABLES."""
+    predictions back to its initial rows, vacuum, install the cache's triggers on
+    ``trigger_tables`` and remove them from the other TABLES (--trigger-tables)."""
     with psycopg.connect(up.dsn(up.admin_db), autocommit=True, connect_timeout=10) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (CACHE_DB,)).fetchone()
         server_version = conn.execute("SHOW server_version").fetchone()[0]
@@ -300,15 +310,21 @@ def prepare_database(up: Upstream, skip_init: bool, source_dir: Path) -> dict[st
         conn.execute("VACUUM ANALYZE")
         counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
         db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        # --trigger-tables: the tables left out carry no trigger (their reads bypass the cache,
+        # their writes NOTIFY nothing)
+        for table in TABLES:
+            if table not in trigger_tables:
+                conn.execute(drop_trigger_sql("public", table))
     # the trigger every cached table needs (cache.require_triggers), installed the way a user does
     proc = subprocess.run(
-        [sys.executable, "-m", "agent", "cache", "install-triggers", *TABLES, "--upstream", up.dsn(CACHE_DB)],
+        [sys.executable, "-m", "agent", "cache", "install-triggers", *trigger_tables, "--upstream", up.dsn(CACHE_DB)],
         cwd=source_dir, env=up.pg_env(), capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise SystemExit(f"pgsidecar cache install-triggers failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     log(proc.stdout.strip())
     return {"server_version": server_version, "max_connections": max_conn, "initialised": initialised,
-            "rows": counts, "database_bytes": db_bytes, "triggers": proc.stdout.strip()}
+            "rows": counts, "database_bytes": db_bytes, "triggers": proc.stdout.strip(),
+            "trigger_tables": list(trigger_tables)}
 
 
 # --------------------------------------------------------------------------- proxies
@@ -703,8 +719,9 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], targets: l
         f"pool size {a['pool_size']} (every proxy, transaction mode, no overflow); {a['warmup']} s unrecorded "
         "warm-up per target. pgbench, PostgreSQL and the proxies share the machine's cores.",
         f"Database `{CACHE_DB}`: " + ", ".join(f"{k} {v:,}" for k, v in meta["db"]["rows"].items())
-        + f" rows ({meta['db']['database_bytes'] / 1e6:.0f} MB); cache triggers on all six tables "
-        "(they also fire, and NOTIFY, for the targets that do not cache).",
+        + f" rows ({meta['db']['database_bytes'] / 1e6:.0f} MB); cache triggers on "
+        + ", ".join(meta["db"]["trigger_tables"])
+        + " (they also fire, and NOTIFY, for the targets that do not cache).",
         "",
         "## Workload model",
         "",
@@ -922,6 +939,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"sensitivity runs: also put rescore_match and edit_job into the closed-loop mix, weight N/2 "
                         f"each next to the 9,950 of reads and cold writes, so their rate scales with throughput "
                         f"(default {DEFAULT_INVALIDATING}; 50 = the original proportional model, 0.5 %%)")
+    p.add_argument("--trigger-tables", default=",".join(READ_TABLES), metavar="T1,T2",
+                   help="the tables that carry the cache's triggers (default: the ones the mix reads, "
+                        + ", ".join(READ_TABLES) + "); the others' writes NOTIFY nothing and their reads are not "
+                        "cached. Sensitivity runs: " + ",".join(TABLES) + " (every table, as migration 0004 does)")
     p.add_argument("--cache-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="sensitivity runs: a cache.* setting of pgsidecar-cache (repeatable), e.g. "
                         "column_invalidation=false to measure per-table invalidation")
@@ -949,6 +970,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--invalidating-writes must be even, in 0..1000")
     if not 0 <= a.hot_write_rate <= 1000:
         p.error("--hot-write-rate must be in 0..1000 (edits per second)")
+    a.trigger_table_list = tuple(t.strip() for t in a.trigger_tables.split(",") if t.strip())
+    unknown = [t for t in a.trigger_table_list if t not in TABLES]
+    if unknown:
+        p.error(f"--trigger-tables: unknown table {', '.join(unknown)} (known: {', '.join(TABLES)})")
     return a
 
 
@@ -983,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         source = freeze_source(workdir / "src")
-        meta["db"] = prepare_database(up, args.skip_init, source)
+        meta["db"] = prepare_database(up, args.skip_init, source, args.trigger_table_list)
         n_proxies = sum(t in PROXIES for t in args.target_list)
         # direct clients (+ the hot-edit writer's) + every proxy's open pool + a LISTEN connection +
         # one admin connection

@@ -182,6 +182,28 @@ def test_cache_install_triggers_named_all_and_remove(pg_server: Any, direct: Any
         assert again.returncode == 0, again.stderr
         column_triggers = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgsidecar_cache_col_%'"
         assert conn.execute(column_triggers).fetchone() == (3,)  # s.a: id; s.b: id, note
+        # Per table: s.b loses its triggers (the table's and its column triggers), s.a keeps its own
+        # and the functions stay; a running sidecar hears of it on the DDL channel at once.
+        ddl_listener = direct(dbname="cli_cache")
+        ddl_listener.execute("LISTEN pgsidecar_cache_ddl")
+        one = _cache_cli("remove-triggers", "s.b", dsn=dsn)
+        assert one.returncode == 0, one.stderr
+        assert "removed from 1 table(s) in cli_cache: s.b" in one.stdout
+        assert _triggered_tables(conn) == {"a"}
+        assert conn.execute(column_triggers).fetchone() == (1,)  # s.a: id
+        assert conn.execute("SELECT to_regproc('public.pgsidecar_cache_notify_rows')").fetchone() != (None,)
+        heard = []
+        for note in ddl_listener.notifies(timeout=5):
+            heard.append(json.loads(note.payload))
+            if heard[-1] == ["b"]:
+                break
+        assert heard[-1:] == [["b"]], heard
+        missing = _cache_cli("remove-triggers", "s.nope", dsn=dsn)
+        assert missing.returncode == 1 and "does not exist" in missing.stderr
+        assert _triggered_tables(conn) == {"a"}
+        ddl_listener.close()
+        back = _cache_cli("install-triggers", "s.b", dsn=dsn)
+        assert back.returncode == 0, back.stderr
         conn.execute("DROP TRIGGER pgsidecar_cache_invalidate ON s.b")  # only its column triggers left
 
         removed = _cache_cli("remove-triggers", dsn=dsn)
