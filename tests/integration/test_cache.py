@@ -1022,6 +1022,45 @@ def test_tables_without_the_trigger_are_cached_only_when_triggers_are_not_requir
         assert delta["hits"] == 1 and "bypasses.no_trigger" not in delta, delta
 
 
+async def _remove_triggers(server: Server, tables: list[str]) -> list[str]:
+    """``pgsidecar cache remove-triggers TABLE ...``'s own function, on the test database."""
+    from proxy.invalidation import remove_triggers
+
+    info = server.conn.info
+    conn = await asyncpg.connect(host=info.host, port=info.port, user=info.user, password=info.password or None,
+                                 database=info.dbname)
+    try:
+        return await remove_triggers(conn, tables)
+    finally:
+        await conn.close()
+
+
+def test_triggers_removed_from_one_table_are_seen_at_once_not_at_the_next_catalog_refresh(
+        proxy_factory: Any, server: Server) -> None:
+    """No event triggers here, and the catalog is re-read every 30 s: what makes a running sidecar
+    drop the table's entries and stop caching it at once is remove_triggers' own notification."""
+    t = server.table([(1, "old")])
+    u = server.table([(1, "kept")])
+    sql = f"select v from {t} where id = 1"
+    proxy = proxy_factory(cache__mode="all", cache__catalog_refresh_s=30.0)
+    with _ready_client(proxy) as conn:
+        assert one(conn, sql) == "old"
+        assert one(conn, f"select v from {u} where id = 1") == "kept"
+        before = counters(proxy)
+        assert one(conn, sql) == "old"
+        assert _delta(before, counters(proxy))["hits"] == 1
+        assert asyncio.run(_remove_triggers(server, [t])) == [f"public.{t}"]
+        # The notification makes the sidecar re-read its catalog now, which flushes (a trigger went).
+        wait_until(lambda: table_match_key(t) not in _monitor(proxy).tracked, timeout=5,
+                   message="the sidecar re-reading which tables carry the trigger")
+        assert table_match_key(u) in _monitor(proxy).tracked
+        server.write(f"update {t} set v = 'new'")  # no trigger left: no NOTIFY for this write
+        before = counters(proxy)
+        assert one(conn, sql) == "new"
+        assert one(conn, sql) == "new"
+        assert _delta(before, counters(proxy)) == {"bypasses.no_trigger": 2}
+
+
 def test_a_volatile_function_that_writes_flushes_at_commit_and_is_never_cached(
         proxy_factory: Any, server: Server) -> None:
     proxy = proxy_factory(cache__mode="all", cache__require_triggers=False)
