@@ -4,8 +4,9 @@ Owns the policy and the memory of issue 4's result cache: ``decide`` looks at a 
 ``Fingerprint`` and raw text and says whether its result may be served from memory, for how long,
 and which tables it read; ``ResultCache`` keeps the server's response bytes under a byte budget
 (LRU) with per-entry TTLs, evicts entries when their tables are written, and refuses results whose
-read raced an invalidation. Pure and synchronous: no I/O, no asyncio, no module-level mutable
-state (CONVENTIONS habit 7); the client session drives it, the LISTEN task calls ``invalidate``,
+read raced an invalidation. Pure and synchronous: no I/O, no asyncio, and no module-level mutable
+state (CONVENTIONS habit 7) but two bounded memos of pure functions (a key's scope id, and what
+``decide`` reads off a fingerprint); the client session drives it, the LISTEN task calls ``invalidate``,
 the agent reads ``snapshot()``/``top()``. Correct first, fast second.
 
 Policy decisions (``decide``):

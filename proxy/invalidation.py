@@ -406,6 +406,13 @@ async def install_event_triggers(conn: Any) -> bool:
     return True
 
 
+async def _announce_dropped(conn: Any, tables: list[str]) -> None:
+    """Inside the transaction that dropped the triggers of ``tables``: tell a running sidecar (the
+    DDL channel: it evicts them and re-reads which tables carry the trigger)."""
+    if tables:
+        await conn.execute("SELECT pg_notify($1, $2)", DDL_CHANNEL, json.dumps(tables))
+
+
 async def remove_triggers(conn: Any, tables: list[str] | None = None) -> list[str]:
     """Drop the cache's triggers from ``tables`` (names as ``install_triggers`` takes them; the
     functions and the DDL event triggers stay for the other tables), or, when None, every
@@ -419,7 +426,7 @@ async def remove_triggers(conn: Any, tables: list[str] | None = None) -> list[st
         async with conn.transaction():
             for schema, table in resolved:
                 await conn.execute(drop_trigger_sql(schema, table))
-            await conn.execute("SELECT pg_notify($1, $2)", DDL_CHANNEL, json.dumps([t for _, t in resolved]))
+            await _announce_dropped(conn, [table for _, table in resolved])
         return [f"{schema}.{table}" for schema, table in resolved]
     rows = await conn.fetch(
         "SELECT DISTINCT n.nspname, c.relname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid "
@@ -437,8 +444,7 @@ async def remove_triggers(conn: Any, tables: list[str] | None = None) -> list[st
             for name in EVENT_TRIGGERS:
                 await conn.execute(f"DROP EVENT TRIGGER IF EXISTS {name}")
             await conn.execute(f"DROP FUNCTION IF EXISTS public.{DDL_FUNCTION}()")
-        if rows:
-            await conn.execute("SELECT pg_notify($1, $2)", DDL_CHANNEL, json.dumps([row[1] for row in rows]))
+        await _announce_dropped(conn, [row[1] for row in rows])
     return [f"{row[0]}.{row[1]}" for row in rows]
 
 

@@ -66,9 +66,7 @@ import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/bench is not a package
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the checkout's proxy package
 
-from proxy.invalidation import drop_trigger_sql  # noqa: E402
 from bench_pgbench import (  # noqa: E402
     DEFAULT_DSN,
     RE_ABORTED,
@@ -275,7 +273,7 @@ CREATE INDEX idx_prediction_user ON predictions(user_id);
 
 
 def prepare_database(up: Upstream, skip_init: bool, source_dir: Path,
-                     trigger_tables: tuple[str, ...] = READ_TABLES) -> dict[str, Any]:
+                     trigger_tables: tuple[str, ...]) -> dict[str, Any]:
     """Create and fill CACHE_DB (unless --skip-init finds it filled by this schema version), trim
     predictions back to its initial rows, vacuum, install the cache's triggers on
     ``trigger_tables`` and remove them from the other TABLES (--trigger-tables)."""
@@ -310,18 +308,23 @@ def prepare_database(up: Upstream, skip_init: bool, source_dir: Path,
         conn.execute("VACUUM ANALYZE")
         counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
         db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-        # --trigger-tables: the tables left out carry no trigger (their reads bypass the cache,
-        # their writes NOTIFY nothing)
-        for table in TABLES:
-            if table not in trigger_tables:
-                conn.execute(drop_trigger_sql("public", table))
-    # the trigger every cached table needs (cache.require_triggers), installed the way a user does
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent", "cache", "install-triggers", *trigger_tables, "--upstream", up.dsn(CACHE_DB)],
-        cwd=source_dir, env=up.pg_env(), capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise SystemExit(f"pgsidecar cache install-triggers failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    log(proc.stdout.strip())
+
+    def cache_cli(command: str, tables: list[str]) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "cache", command, *tables, "--upstream", up.dsn(CACHE_DB)],
+            cwd=source_dir, env=up.pg_env(), capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise SystemExit(f"pgsidecar cache {command} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        log(done.stdout.strip())
+        return done
+
+    # --trigger-tables: the tables left out carry no trigger (their reads bypass the cache, their
+    # writes NOTIFY nothing); the trigger every cached table needs (cache.require_triggers). Both
+    # the way a user does it.
+    left_out = [table for table in TABLES if table not in trigger_tables]
+    if left_out:
+        cache_cli("remove-triggers", left_out)
+    proc = cache_cli("install-triggers", list(trigger_tables))
     return {"server_version": server_version, "max_connections": max_conn, "initialised": initialised,
             "rows": counts, "database_bytes": db_bytes, "triggers": proc.stdout.strip(),
             "trigger_tables": list(trigger_tables)}
